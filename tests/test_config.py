@@ -1,0 +1,61 @@
+"""Config composition and the errors a user sees for a wrong key or value."""
+
+import pytest
+
+from training.config import CONFIG_DIR, ConfigError, PretrainConfig, load_config
+
+YAML = CONFIG_DIR / "ttt_pretrain.yaml"
+
+
+def test_defaults_compose_groups_and_overrides():
+    cfg = load_config(PretrainConfig, YAML, ["model=125m", "optim.lr=1e-3", "train.steps=70", "model.mode=swa"])
+    assert cfg.model.name == "125m" and cfg.model.hidden_size == 768 and cfg.model.mode == "swa"
+    assert cfg.optim.lr == 1e-3 and cfg.train.steps == 70
+    default = load_config(PretrainConfig, YAML, [])
+    assert default.model.name == "tiny" and default.data.source == "embedded"
+
+
+def test_unknown_key_names_key_and_nearest():
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*did you mean optim\.lr"):
+        load_config(PretrainConfig, YAML, ["optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*did you mean train"):
+        load_config(PretrainConfig, YAML, ["trian.steps=3"])
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("optim.lr=-1e-3", r"optim\.lr=-0\.001 must be > 0"),
+        ("model.sliding_window=0", r"model\.sliding_window=0 must be > 0"),
+        ("model.mode=mamba", r"model\.mode='mamba' must be one of \['full', 'swa', 'ttt_e2e'\]"),
+        ("data.heldout_fraction=1.5", r"data\.heldout_fraction=1\.5 must be in \[0, 1\)"),
+        ("model.num_attention_heads=5", r"divisible by model\.num_attention_heads=5"),
+        ("optim.warmup_steps=10000", r"optim\.warmup_steps=10000 must be <= train\.steps"),
+    ],
+)
+def test_bad_values_name_key_and_rule(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(PretrainConfig, YAML, [override])
+
+
+def test_wrong_type_and_unknown_group_choice():
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        load_config(PretrainConfig, YAML, ["train.steps=many"])
+    with pytest.raises(ConfigError, match=r"model=huge: no such config; choose one of \[.*'125m'.*'tiny'"):
+        load_config(PretrainConfig, YAML, ["model=huge"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(PretrainConfig, YAML, ["optim.lr"])
+
+
+def test_required_value_missing():
+    with pytest.raises(ConfigError, match=r"data\.source"):
+        load_config(PretrainConfig, YAML, ["data=files"])
+
+
+def test_pipeline_exits_with_message(capsys):
+    import pipelines.ttt_pretrain as p
+
+    with pytest.raises(SystemExit) as exit_info:
+        p.main(["optim.lrr=1"])
+    assert exit_info.value.code == 2
+    assert "optim.lrr" in capsys.readouterr().err

@@ -1,0 +1,242 @@
+"""Structured configs: one YAML per pipeline under configs/, groups (model/, data/, ...) chosen by
+name, `key=value` overrides on the command line, all checked against the dataclasses below.
+
+    cfg = load_config(PretrainConfig, "configs/ttt_pretrain.yaml", ["model=125m", "optim.lr=1e-3"])
+
+A wrong key fails at start naming the key and its nearest valid spellings; a value out of range
+fails naming the key and the rule it breaks. Range rules live beside each field (`check=`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it and what would be right."""
+
+
+def _field(default: Any, rule: str | None = None, ok: Callable[[Any], bool] | None = None):
+    meta = {"rule": rule, "ok": ok} if ok is not None else {}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def positive(default):
+    return _field(default, "must be > 0", lambda v: v > 0)
+
+
+def non_negative(default):
+    return _field(default, "must be >= 0", lambda v: v >= 0)
+
+
+def fraction(default, *, open_low: bool = False):
+    if open_low:
+        return _field(default, "must be in (0, 1]", lambda v: 0 < v <= 1)
+    return _field(default, "must be in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def one_of(default, *choices):
+    return _field(default, f"must be one of {list(choices)}", lambda v: v in choices)
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # None: take the tokenizer's vocabulary size. The released shapes state Llama-3's 128256.
+    vocab_size: int | None = None
+    hidden_size: int = positive(128)
+    num_hidden_layers: int = positive(4)
+    num_attention_heads: int = positive(4)
+    intermediate_size: int = positive(384)
+    # full: causal attention over everything; swa: every block attends to the last
+    # `sliding_window` keys; ttt_e2e: swa plus fast-weight MLPs in the suffix blocks.
+    mode: str = one_of("full", "full", "swa", "ttt_e2e")
+    sliding_window: int = positive(128)
+    rope_theta: float = positive(10000.0)
+    rms_norm_eps: float = positive(1e-6)
+    initializer_range: float = positive(0.02)
+    qk_norm: bool = True
+    pre_norm: bool = True
+    post_norm: bool = True
+    max_position_embeddings: int = positive(8192)
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} must be divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ConfigError("model.hidden_size / model.num_attention_heads (the head dim) must be even for RoPE")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ConfigError(f"model.vocab_size={self.vocab_size} must be > 0 (or null: the tokenizer's size)")
+
+
+@dataclass
+class DataConfig:
+    # "embedded" (the reasoning-gym corpus made offline) or a path/glob to json, jsonl,
+    # parquet or text files.
+    source: str = "embedded"
+    format: str = one_of("auto", "auto", "json", "jsonl", "parquet", "text")
+    text_field: str = "text"
+    num_docs: int = positive(20000)  # size of the embedded corpus
+    heldout_fraction: float = fraction(0.05)
+    seq_len: int = positive(256)  # tokens per training window
+    vocab_size: int = positive(4096)  # of the tokenizer trained on the corpus
+    tokenizer: str = ""  # a saved tokenizer to use; empty: <run dir>/tokenizer (trained if absent)
+    cache_dir: str = ".cache/ponder"
+
+    def validate(self) -> None:
+        if not self.source:
+            raise ConfigError("data.source is empty: give data.source=embedded or a path to json, jsonl, parquet or text files")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = positive(3e-3)
+    end_lr: float = non_negative(3e-5)  # the cosine decays to this
+    warmup_steps: int = non_negative(50)
+    weight_decay: float = non_negative(0.1)
+    beta1: float = fraction(0.9)
+    beta2: float = fraction(0.95)
+    grad_clip: float = positive(1.0)
+
+
+@dataclass
+class LoopConfig:
+    steps: int = positive(500)
+    batch_size: int = positive(16)
+    log_every: int = positive(10)
+    eval_every: int = positive(100)
+    eval_windows: int = positive(64)  # held-out windows per evaluation
+    save_every: int = positive(100)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = one_of("offline", "offline", "online", "disabled")
+    project: str = "ponder"
+    entity: str = ""
+
+
+@dataclass
+class PretrainConfig:
+    run_name: str = "ttt_pretrain"
+    out_dir: str = "runs"
+    seed: int = 0
+    resume: bool = False
+    device: str = one_of("auto", "auto", "cpu", "cuda")
+    dtype: str = one_of("float32", "float32", "bfloat16")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        if self.optim.warmup_steps > self.train.steps:
+            raise ConfigError(
+                f"optim.warmup_steps={self.optim.warmup_steps} must be <= train.steps={self.train.steps}"
+            )
+        if self.optim.end_lr > self.optim.lr:
+            raise ConfigError(f"optim.end_lr={self.optim.end_lr} must be <= optim.lr={self.optim.lr}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+GROUPS = ("model", "data")
+
+
+def load_config(schema: type, yaml_path: str | Path, overrides: Sequence[str] = ()):
+    """Compose `yaml_path` (its `defaults:` pick one YAML per group), apply `key=value`
+    overrides, check every key and value, and return an instance of `schema`."""
+    yaml_path = Path(yaml_path)
+    if not yaml_path.is_file():
+        raise ConfigError(f"config file {yaml_path} does not exist")
+    pipeline = OmegaConf.to_container(OmegaConf.load(yaml_path))
+    defaults = dict(pipeline.pop("defaults", None) or {})
+
+    group_choice, dotlist = {}, []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key in GROUPS and key in {f.name for f in dataclasses.fields(schema)}:
+            group_choice[key] = value
+        else:
+            dotlist.append(item)
+    defaults.update(group_choice)
+
+    layers: list[tuple[str, dict]] = []
+    for group, name in defaults.items():
+        group_file = CONFIG_DIR / group / f"{name}.yaml"
+        if not group_file.is_file():
+            choices = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+            raise ConfigError(f"{group}={name}: no such config; choose one of {choices}")
+        layers.append((str(group_file), {group: OmegaConf.to_container(OmegaConf.load(group_file)) or {}}))
+    layers.append((str(yaml_path), pipeline))
+    try:
+        layers.append(("the command line", OmegaConf.to_container(OmegaConf.from_dotlist(dotlist))))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"could not parse overrides {dotlist}: {e}") from None
+
+    cfg: DictConfig = OmegaConf.structured(schema)
+    for origin, layer in layers:
+        _check_keys(layer, schema, "", origin)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            raise ConfigError(f"{key}: {e.msg if hasattr(e, 'msg') else e} (from {origin})") from None
+    obj = OmegaConf.to_object(cfg)
+    _check_values(obj, "")
+    return obj
+
+
+def _check_keys(layer: dict, schema: type, prefix: str, origin: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in layer.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {prefix + key!r} (from {origin}){hint} "
+                f"Valid keys here: {sorted(names)}"
+            )
+        sub = typing.get_type_hints(schema)[key]
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix + key} is a section ({sorted(f.name for f in dataclasses.fields(sub))}), not a value")
+            _check_keys(value, sub, f"{prefix}{key}.", origin)
+
+
+def _check_values(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_values(value, f"{prefix}{f.name}.")
+        elif "ok" in f.metadata and value is not None and not f.metadata["ok"](value):
+            raise ConfigError(f"{prefix}{f.name}={value!r} {f.metadata['rule']}")
+    if hasattr(obj, "validate"):
+        obj.validate()
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

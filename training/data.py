@@ -1,0 +1,329 @@
+"""Documents -> packed token windows.
+
+Documents come from the embedded corpus (made offline from reasoning-gym) or from local files
+(json, jsonl, parquet, text). They are cleaned, split into train / held-out by document,
+tokenized, and packed into one stream with EOS after each document; the stream is cut into
+windows of seq_len + 1 tokens (inputs and shifted targets) that WindowLoader serves in a
+resumable shuffled order.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, load_dataset, load_from_disk
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from training.config import DataConfig
+from training.tokenizer import load_or_train_tokenizer, token_byte_lengths
+
+# Short documents whose answer is hard to predict without working it out. gsm_symbolic (GSM8K
+# word problems) carries a worked solution (metadata["answer_cot"]); the others carry none:
+# mixed + - * / with parentheses, multi-digit products, and legs per animal times counts.
+DEFAULT_TASKS: tuple[str, ...] = ("gsm_symbolic", "basic_arithmetic", "products", "leg_counting")
+# Bump when the document format or the generation recipe changes, so old caches are not reused.
+CORPUS_VERSION = 1
+
+DATA_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+ALLOWED_FORMATS = ("auto", "json", "jsonl", "parquet", "text")
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from `parts` that is the same in every process (unlike hash())."""
+    digest = hashlib.blake2b("\0".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# ---- the embedded corpus -------------------------------------------------------------------------
+
+
+def format_document(question: str, solution: str, answer: str) -> str:
+    """The one document format: question, worked solution (when there is one), answer."""
+    lines = [f"Question: {question.strip()}"]
+    if solution.strip():
+        lines.append(f"Solution: {solution.strip()}")
+    lines.append(f"Answer: {answer.strip()}")
+    return "\n".join(lines)
+
+
+def _worked_solution(item: dict) -> str:
+    cot = item["metadata"].get("answer_cot", "")
+    # GSM8K-style solutions end with "#### <answer>": drop it, the answer follows on its own line.
+    return re.sub(r"\n?####[^\n]*\s*$", "", cot).strip()
+
+
+def _task_counts(num_docs: int, tasks: Sequence[str]) -> dict[str, int]:
+    """gsm_symbolic gets half the documents (when there are other tasks), the rest share equally."""
+    weights = [max(len(tasks) - 1, 1) if t == "gsm_symbolic" else 1 for t in tasks]
+    counts = [num_docs * w // sum(weights) for w in weights]
+    for i in range(num_docs - sum(counts)):  # the remainder goes to the first tasks
+        counts[i] += 1
+    return dict(zip(tasks, counts))
+
+
+def build_embedded_corpus(
+    num_docs: int, seed: int, cache_dir: str | Path, tasks: Sequence[str] = DEFAULT_TASKS
+) -> Dataset:
+    """Generate (or load from cache) `num_docs` reasoning-gym documents.
+
+    Columns: id, task, question, solution, answer, text. Offline and deterministic in
+    (num_docs, seed, tasks); cached under cache_dir.
+    """
+    import reasoning_gym  # slow to import; only the embedded corpus needs it
+
+    tasks = tuple(tasks)
+    if num_docs <= 0 or not tasks:
+        raise ValueError(f"need num_docs > 0 and at least one task, got {num_docs=} {tasks=}")
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"reasoning_gym-v{CORPUS_VERSION}-n{num_docs}-s{seed}-{'+'.join(tasks)}"
+    if path.is_dir():
+        return load_from_disk(str(path))
+
+    rows: dict[str, list[str]] = {k: [] for k in ("id", "task", "question", "solution", "answer", "text")}
+    with tqdm(total=num_docs, desc="reasoning-gym corpus", unit="doc") as bar:
+        for task, count in _task_counts(num_docs, tasks).items():
+            if count == 0:
+                continue
+            # A seed per task: tasks seeded alike draw the same numbers (chain_sum and products
+            # would both ask about 60 and 93).
+            generator = reasoning_gym.create_dataset(task, size=count, seed=stable_seed(seed, task) % 2**31)
+            for i in range(count):
+                item = generator[i]
+                solution = _worked_solution(item)
+                rows["id"].append(f"{task}:{seed}:{i}")
+                rows["task"].append(task)
+                rows["question"].append(item["question"].strip())
+                rows["solution"].append(solution)
+                rows["answer"].append(str(item["answer"]).strip())
+                rows["text"].append(format_document(item["question"], solution, str(item["answer"])))
+                bar.update()
+
+    # Write beside the final folder and rename, so an interrupted run leaves no partial cache.
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=f".{path.name}.tmp-")
+    try:
+        Dataset.from_dict(rows).save_to_disk(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any folder
+        os.replace(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not path.is_dir():  # not a lost race with another writer: a real error
+            raise
+    return load_from_disk(str(path))
+
+
+# ---- user corpora ---------------------------------------------------------------------------------
+
+
+def _data_files(source: str) -> list[str]:
+    p = Path(source)
+    if p.is_dir():
+        files = [str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")]
+    elif glob.has_magic(source):
+        files = [f for f in glob.glob(source, recursive=True) if Path(f).is_file()]
+    else:
+        files = [source] if p.is_file() else []
+    if not files:
+        raise FileNotFoundError(f"no data files found at {source!r}")
+    return sorted(files)
+
+
+def load_documents(source: str, text_field: str = "text", data_format: str = "auto", **load_kwargs) -> Dataset:
+    """Load a local corpus: a file, a directory or a glob of json / jsonl / parquet / text files.
+
+    With data_format="auto" the format comes from the file extensions. Text files give one
+    document per line (datasets' default; pass sample_by="paragraph" or "document" to change it).
+    Adds a stable `id` column ("<source name>:<row>") when there is none.
+    """
+    if data_format not in ALLOWED_FORMATS:
+        raise ValueError(f"unknown data_format {data_format!r}; allowed: {', '.join(ALLOWED_FORMATS)}")
+    files = _data_files(source)
+    if data_format == "auto":
+        known = [f for f in files if Path(f).suffix.lower() in DATA_FORMATS]
+        formats = {DATA_FORMATS[Path(f).suffix.lower()] for f in known}
+        if len(formats) != 1:
+            raise ValueError(
+                f"cannot infer one data format from the files at {source!r} (found {sorted(formats) or 'none'}); "
+                f"known extensions: {', '.join(DATA_FORMATS)}; or set data_format to one of "
+                f"{', '.join(ALLOWED_FORMATS[1:])}"
+            )
+        files, builder = known, formats.pop()
+    else:
+        builder = "json" if data_format == "jsonl" else data_format
+
+    ds = load_dataset(builder, data_files=files, split="train", **load_kwargs)
+    if text_field not in ds.column_names:
+        raise KeyError(f"text field {text_field!r} not in {source!r}; columns present: {ds.column_names}")
+    if "id" not in ds.column_names:
+        name = Path(source.rstrip("/")).name
+        ds = ds.add_column("id", [f"{name}:{i}" for i in range(len(ds))])
+    return ds
+
+
+def clean_documents(ds: Dataset, text_field: str = "text") -> tuple[Dataset, int]:
+    """Drop documents whose text is missing, not a string, or only whitespace.
+
+    Returns (kept, number skipped); the count feeds the data/docs_skipped metric.
+    """
+    kept = ds.filter(
+        lambda texts: [isinstance(t, str) and t.strip() != "" for t in texts],
+        input_columns=text_field,
+        batched=True,
+    )
+    return kept, len(ds) - len(kept)
+
+
+def split_documents(
+    ds: Dataset, heldout_fraction: float, seed: int, text_field: str = "text"
+) -> tuple[Dataset, Dataset]:
+    """Split into (train, held-out) by document, deterministically in `seed`.
+
+    Documents are ranked by a hash of (seed, text), so identical texts (a generator can repeat a
+    question) always land on the same side and nothing held out is ever trained on. Held-out is
+    non-empty whenever heldout_fraction > 0 and there are at least two distinct texts.
+    """
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    keys = [stable_seed(seed, t) for t in ds[text_field]]
+    distinct = sorted(set(keys))
+    n_heldout = round(heldout_fraction * len(distinct))
+    if heldout_fraction > 0:
+        n_heldout = min(max(n_heldout, 1), len(distinct) - 1)
+    heldout_keys = set(distinct[:n_heldout])
+    is_heldout = [k in heldout_keys for k in keys]
+    train = ds.select([i for i, h in enumerate(is_heldout) if not h])
+    heldout = ds.select([i for i, h in enumerate(is_heldout) if h])
+    return train, heldout
+
+
+# ---- tokens and windows ---------------------------------------------------------------------------
+
+
+def tokenize_documents(tokenizer, texts: list[str], batch_size: int = 1000) -> list[list[int]]:
+    """Encode texts in batches (the fast tokenizer parallelises within a batch); no specials added."""
+    ids: list[list[int]] = []
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc="tokenizing", unit="batch", disable=len(starts) <= 1):
+        batch = texts[start : start + batch_size]
+        ids.extend(tokenizer(batch, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def pack_documents(token_lists: Iterable[list[int]], eos_id: int, seq_len: int) -> torch.LongTensor:
+    """Concatenate documents (EOS after each) and cut windows of seq_len + 1 tokens, stride seq_len.
+
+    Consecutive windows share one boundary token, so every stream token after the first is a
+    prediction target exactly once. The tail that does not fill a window is dropped.
+    Returns [num_windows, seq_len + 1].
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got seq_len={seq_len}")
+    docs = (chain(ids, (eos_id,)) for ids in token_lists if len(ids) > 0)
+    stream = torch.from_numpy(np.fromiter(chain.from_iterable(docs), dtype=np.int64))
+    if len(stream) < seq_len + 1:
+        raise ValueError(
+            f"corpus too small: {len(stream)} tokens (EOS included), need at least {seq_len + 1} "
+            f"for one window of seq_len={seq_len}"
+        )
+    return stream.unfold(0, seq_len + 1, seq_len).contiguous()
+
+
+class WindowLoader:
+    """Endless batches of windows, reshuffled each epoch, resumable exactly from state_dict().
+
+    Epoch e's order is a permutation drawn from a generator seeded by (seed, e), so the batch
+    stream is a pure function of (seed, epoch, cursor). The last partial batch is dropped.
+    """
+
+    def __init__(self, windows: torch.Tensor, batch_size: int, seed: int, shuffle: bool = True):
+        if batch_size <= 0 or batch_size > len(windows):
+            raise ValueError(
+                f"batch_size={batch_size} must be between 1 and the number of windows ({len(windows)})"
+            )
+        self.windows = windows
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.batches_per_epoch = len(windows) // batch_size
+        self.seq_len = windows.shape[1] - 1
+        self.tokens_per_batch = batch_size * self.seq_len  # data tokens trained on
+        self.epoch = 0
+        self.cursor = 0  # batches already served in this epoch
+        self._order: torch.Tensor | None = None
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self._order is None:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(stable_seed(self.seed, self.epoch))
+                self._order = torch.randperm(len(self.windows), generator=g)
+            else:
+                self._order = torch.arange(len(self.windows))
+        return self._order
+
+    def next_batch(self) -> torch.Tensor:
+        if self.cursor == self.batches_per_epoch:
+            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+        start = self.cursor * self.batch_size
+        idx = self._epoch_order()[start : start + self.batch_size]
+        self.cursor += 1
+        return self.windows[idx]
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, cursor = int(state["epoch"]), int(state["cursor"])
+        if epoch < 0 or not 0 <= cursor <= self.batches_per_epoch:
+            raise ValueError(f"bad loader state {state}: cursor must be in [0, {self.batches_per_epoch}]")
+        self.epoch, self.cursor, self._order = epoch, cursor, None
+
+
+# ---- everything a pipeline needs -----------------------------------------------------------------
+
+
+@dataclass
+class PreparedData:
+    tokenizer: PreTrainedTokenizerFast
+    train_windows: torch.Tensor  # [N, seq_len + 1]
+    heldout_windows: torch.Tensor  # [M, seq_len + 1], original held-out documents only
+    heldout_docs: Dataset
+    token_bytes: torch.Tensor  # [V] UTF-8 bytes per token id, for bits per byte
+    docs_skipped: int
+
+
+def prepare_data(cfg: DataConfig, run_dir: str | Path, seed: int) -> PreparedData:
+    """Corpus -> clean -> split by document -> tokenizer (trained on the train split, or reused)
+    -> packed windows for both splits."""
+    if cfg.source == "embedded":
+        docs = build_embedded_corpus(cfg.num_docs, seed, cfg.cache_dir)
+    else:
+        docs = load_documents(cfg.source, cfg.text_field, cfg.format)
+    docs, skipped = clean_documents(docs, cfg.text_field)
+    if skipped:
+        print(f"skipped {skipped} empty or malformed documents (data/docs_skipped)")
+    train, heldout = split_documents(docs, cfg.heldout_fraction, seed, text_field=cfg.text_field)
+    tokenizer = load_or_train_tokenizer(
+        Path(cfg.tokenizer or Path(run_dir) / "tokenizer"), lambda: train[cfg.text_field], cfg.vocab_size
+    )
+    eos = tokenizer.eos_token_id
+    windows = {
+        name: pack_documents(tokenize_documents(tokenizer, split[cfg.text_field]), eos, cfg.seq_len)
+        for name, split in (("train", train), ("heldout", heldout))
+    }
+    return PreparedData(tokenizer, windows["train"], windows["heldout"], heldout, token_byte_lengths(tokenizer), skipped)

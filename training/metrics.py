@@ -1,0 +1,55 @@
+"""Metric sinks: every record goes to <run dir>/metrics.jsonl (what pipelines/report.py reads)
+and to wandb (offline unless configured online). Names follow the dashboard's: tokens/data,
+eval/bpb, timing_s/train, ..."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, config: dict[str, Any] | None = None, wandb_mode: str = "offline",
+                 project: str = "ponder", entity: str = "", run_name: str | None = None,
+                 resume_step: int | None = None):
+        """`resume_step`: continue a run from that step's checkpoint, dropping any records the
+        killed run wrote after it (they are about to be written again)."""
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        self._file = open(self.path, "w", buffering=1)
+        for record in kept:
+            self._file.write(json.dumps(record) + "\n")
+        resume = resume_step is not None
+        self._wandb = None
+        if wandb_mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self._wandb = wandb.init(
+                project=project, entity=entity or None, name=run_name, dir=str(run_dir), mode=wandb_mode,
+                config=config, resume="allow" if resume else None,
+            )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+        record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,59 @@
+"""What every pipeline does before its loop: parse the config, lay out the run directory, pick the
+device, build the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from models import PonderConfig, PonderForCausalLM
+from training.config import ConfigError, ModelConfig, load_config, save_config
+from training.checkpoint import latest_checkpoint
+
+
+def parse_config_or_exit(schema: type, yaml_path: str | Path, argv: list[str]):
+    """load_config, with a config mistake reported in one line and exit status 2."""
+    try:
+        return load_config(schema, yaml_path, argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def prepare_run_dir(cfg) -> Path:
+    """runs/<run_name>/. A fresh start over an earlier run of the same name moves that run aside
+    (to <run_name>.<time>) instead of overwriting it; `resume=true` continues it instead."""
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(run_dir), str(aside))
+        print(f"an earlier run was at {run_dir}: moved to {aside} (pass resume=true to continue it instead)")
+    if cfg.resume and latest_checkpoint(run_dir) is None:
+        print(f"resume=true but {run_dir} holds no checkpoint: starting from scratch")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def build_model(cfg: ModelConfig, tokenizer) -> PonderForCausalLM:
+    """A freshly initialised model with the tokenizer's vocabulary and special ids."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "name"}
+    fields["vocab_size"] = fields["vocab_size"] or len(tokenizer)
+    if fields["vocab_size"] < len(tokenizer):
+        raise ConfigError(f"model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's {len(tokenizer)}")
+    config = PonderConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **fields)
+    return PonderForCausalLM(config)

@@ -1,0 +1,161 @@
+"""The pretraining Trainer: `train_step` on one batch of token windows, periodic held-out
+evaluation, atomic checkpoints and resume, metrics to metrics.jsonl and wandb.
+
+Each step of `fit` is a flat sequence of named, timed phases (train, eval, save) whose seconds
+are logged as timing_s/<phase>.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.config import OptimConfig, PretrainConfig
+from training.data import WindowLoader
+from training.evaluate import heldout_bpb
+from training.metrics import MetricsLogger
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    # Weight decay on matrices only: norms' gains and other vectors are left alone.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def warmup_cosine(step: int, *, lr: float, end_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate at `step`: linear warmup from 0, then cosine down to end_lr."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return end_lr + 0.5 * (lr - end_lr) * (1 + math.cos(math.pi * progress))
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str):
+    start = time.perf_counter()
+    yield
+    timings[f"timing_s/{phase}"] = timings.get(f"timing_s/{phase}", 0.0) + time.perf_counter() - start
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, model: torch.nn.Module, loader: WindowLoader,
+                 heldout_windows: torch.Tensor, token_bytes: torch.Tensor, run_dir: str | Path,
+                 device: torch.device, extra_metrics: dict[str, float] | None = None):
+        self.cfg, self.model, self.loader = cfg, model.to(device), loader
+        self.heldout_windows = heldout_windows[: cfg.train.eval_windows]
+        self.token_bytes, self.run_dir, self.device = token_bytes, Path(run_dir), device
+        self.extra_metrics = extra_metrics or {}
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.step = 0  # optimiser steps taken
+        self.tokens_data = 0  # corpus tokens the model has trained on
+        self.skipped_steps = 0  # non-finite losses
+        self.consecutive_skips = 0
+        self.flops_per_token = model.flops_per_token(loader.seq_len)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+    # ---------------------------------------------------------------------------------- steps
+    def lr_at(self, step: int) -> float:
+        o = self.cfg.optim
+        return warmup_cosine(step, lr=o.lr, end_lr=o.end_lr, warmup_steps=o.warmup_steps, total_steps=self.cfg.train.steps)
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
+        """One optimiser step on a [B, T+1] batch of windows. A non-finite loss skips the step."""
+        batch = batch.to(self.device, non_blocking=True)
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast:
+            loss = self.model(batch[:, :-1], targets=batch[:, 1:]).loss
+        self.tokens_data += batch[:, 1:].numel()
+        if not torch.isfinite(loss):
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips > 10:
+                raise FloatingPointError(f"loss was not finite for {self.consecutive_skips} steps in a row at step {self.step}; "
+                                         "lower optim.lr or check the data")
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"train/loss": float("nan"), "train/skipped_steps": self.skipped_steps, "skipped": True}
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.consecutive_skips = 0
+        return {"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/lr": lr,
+                "train/skipped_steps": self.skipped_steps}
+
+    def evaluate(self) -> dict[str, float]:
+        with self.autocast:
+            return heldout_bpb(self.model, self.heldout_windows, self.token_bytes, self.cfg.train.batch_size, self.device)
+
+    # ------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "tokens_data": self.tokens_data, "skipped_steps": self.skipped_steps,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict(), "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.step, self.tokens_data, self.skipped_steps = state["step"], state["tokens_data"], state["skipped_steps"]
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.run_dir, self.step, self.state_dict())
+        self.model.save_pretrained(self.run_dir / "model")  # the latest weights, for from_pretrained
+        return path
+
+    def maybe_resume(self) -> int | None:
+        """Load the newest checkpoint of this run if there is one; returns its step."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        self.load_state_dict(load_checkpoint(path))
+        return self.step
+
+    # ------------------------------------------------------------------------------------- loop
+    def counters(self) -> dict[str, float]:
+        return {"tokens/data": self.tokens_data, "flops/total": self.flops_per_token * self.tokens_data}
+
+    def fit(self, logger: MetricsLogger) -> dict[str, float]:
+        t = self.cfg.train
+        first = {**self.evaluate(), **self.counters()}
+        if self.step == 0:
+            logger.log({**first, **self.extra_metrics}, step=0)
+        tqdm.write(f"step {self.step}: held-out bpb {first['eval/bpb']:.4f}")
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        last_eval = first
+        while self.step < t.steps:
+            timings: dict[str, float] = {}
+            with timed(timings, "train"):
+                metrics = self.train_step(self.loader.next_batch())
+            if metrics.pop("skipped", False):
+                tqdm.write(f"step {self.step}: loss not finite, step skipped ({self.skipped_steps} so far)")
+                continue
+            metrics["perf/learner_tokens_per_s"] = self.loader.tokens_per_batch / timings["timing_s/train"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", bpb=f"{last_eval['eval/bpb']:.3f}")
+            done = self.step >= t.steps
+            if self.step % t.eval_every == 0 or done:
+                with timed(timings, "eval"):
+                    last_eval = self.evaluate()
+                metrics.update(last_eval)
+            if self.step % t.save_every == 0 or done:
+                with timed(timings, "save"):
+                    self.save()
+            if self.step % t.log_every == 0 or "eval/bpb" in metrics or done:
+                logger.log({**metrics, **timings, **self.counters()}, step=self.step)
+        bar.close()
+        tqdm.write(f"step {self.step}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
+        return {"bpb_start": first["eval/bpb"], **last_eval, **self.counters()}

@@ -8,5 +8,6 @@ it down as outside the range it supports; tests/test_kernels_package.py holds th
 """
 
 from kernels.attention import sliding_window_attention
+from kernels.swiglu import swiglu
 
-__all__ = ["sliding_window_attention"]
+__all__ = ["sliding_window_attention", "swiglu"]

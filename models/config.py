@@ -27,6 +27,14 @@ class PonderConfig(PretrainedConfig):
         pre_norm: bool = True,
         post_norm: bool = True,
         max_position_embeddings: int = 8192,
+        suffix_len: int | None = None,
+        mini_batch_size: int = 1024,
+        ttt_intermediate_size: int | None = None,
+        ttt_inner_lr: float = 1.0,
+        ttt_clip: float = 1.0,
+        ttt_grad: str = "second_order",
+        ttt_recompute: bool = False,
+        ttt_update_during_decode: bool = True,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
@@ -50,12 +58,45 @@ class PonderConfig(PretrainedConfig):
         self.pre_norm = pre_norm
         self.post_norm = post_norm
         self.max_position_embeddings = max_position_embeddings
+        # TTT-E2E: the last `suffix_len` blocks (a quarter by default) get a fast-weight MLP that
+        # trains on every chunk of `mini_batch_size` tokens with SGD at `ttt_inner_lr`, its update
+        # clipped to global norm `ttt_clip`.
+        self.suffix_len = max(1, num_hidden_layers // 4) if suffix_len is None else suffix_len
+        self.mini_batch_size = mini_batch_size
+        self.ttt_intermediate_size = ttt_intermediate_size
+        self.ttt_inner_lr = ttt_inner_lr
+        self.ttt_clip = ttt_clip
+        if ttt_grad not in ("second_order", "first_order"):
+            raise ValueError(f"ttt_grad={ttt_grad!r}: must be 'second_order' or 'first_order'")
+        self.ttt_grad = ttt_grad
+        self.ttt_recompute = ttt_recompute
+        self.ttt_update_during_decode = ttt_update_during_decode
+        if mode == "ttt_e2e" and not 1 <= self.suffix_len <= num_hidden_layers:
+            raise ValueError(f"suffix_len={self.suffix_len} must be in [1, num_hidden_layers={num_hidden_layers}]")
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_ttt(self) -> bool:
+        return self.mode == "ttt_e2e"
+
+    @property
+    def mlp_width(self) -> int:
+        """Width of every MLP. TTT-E2E's suffix blocks carry a second (fast) MLP, so all MLPs
+        shrink to keep the parameter count of the plain model: I·L/(L+S), rounded up to a
+        multiple of 128 (32 for widths under 1024). This gives the released widths of every shape
+        (2048 -> 1664 at 125M ... 6912 -> 5632 at 3B)."""
+        if not self.is_ttt:
+            return self.intermediate_size
+        if self.ttt_intermediate_size:
+            return self.ttt_intermediate_size
+        L, S = self.num_hidden_layers, self.suffix_len
+        multiple = 128 if self.intermediate_size >= 1024 else 32
+        return -(-self.intermediate_size * L // ((L + S) * multiple)) * multiple
 
     @property
     def attention_window(self) -> int | None:

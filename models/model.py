@@ -7,6 +7,13 @@ RoPE, SwiGLU MLPs, tied embeddings, attention full or sliding-window.
 
 `targets` are aligned with `input_ids` (targets[:, i] is the token after input_ids[:, i]), as
 in nanoGPT; -100 marks positions without a target.
+
+With mode="ttt_e2e" the last `suffix_len` blocks carry a fast-weight MLP that trains on the
+context as it is read (models/ttt.py). Decoding goes through a DecodeState:
+
+    state = model.new_state(batch_size)
+    logits = model(prompt, state=state).logits         # prefill
+    logits = model(next_tokens, state=state).logits    # one step; state moves on in place
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from kernels import sliding_window_attention
+from kernels import sliding_window_attention, swiglu
+from kernels.attention import sliding_window_attention_reference
 from models.config import PonderConfig
+from models.state import DecodeState
+from models.ttt import ttt_forward, upcast
 
 
 class RMSNorm(nn.Module):
@@ -28,14 +38,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        xf = upcast(x)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos, sin of shape [T, head_dim] for the rotate-half convention."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
+    angles = positions.double()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -47,8 +58,11 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: PonderConfig):
+    def __init__(self, config: PonderConfig, twice_differentiable: bool = False):
         super().__init__()
+        # TTT-E2E's suffix needs gradients of gradients through attention, which fused attention
+        # kernels do not provide: there it takes the materialised path.
+        self.attention = sliding_window_attention_reference if twice_differentiable else sliding_window_attention
         d, self.n_heads, self.head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
         self.window = config.attention_window
         self.wq = nn.Linear(d, d, bias=False)
@@ -58,12 +72,16 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, past: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Returns the output and the keys/values it attended to ([past; new], rotated keys),
+        so a caller can keep them as a cache."""
         B, T, _ = x.shape
         q, k, v = (w(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        y = sliding_window_attention(q, k, v, self.window)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        y = self.attention(q, k, v, self.window)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
 
 class SwiGLU(nn.Module):
@@ -73,12 +91,16 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.w1.weight, self.w2.weight, self.w3.weight
+
+    def forward(self, x, weights: tuple[torch.Tensor, ...] | None = None):
+        """`weights` replaces the module's own (w1, w2, w3), e.g. by per-sequence fast weights."""
+        return swiglu(x, *(weights or self.weights()))
 
 
 class Sublayer(nn.Module):
-    """x -> post_norm(f(pre_norm(x))): the residual branch of one sublayer."""
+    """x -> post_norm(f(pre_norm(x), ...)): the residual branch of one sublayer."""
 
     def __init__(self, config: PonderConfig, f: nn.Module):
         super().__init__()
@@ -87,19 +109,28 @@ class Sublayer(nn.Module):
         self.f = f
         self.post_norm = RMSNorm(d, eps) if config.post_norm else nn.Identity()
 
-    def forward(self, x, *args):
-        return self.post_norm(self.f(self.pre_norm(x), *args))
+    def forward(self, x, *args, **kwargs):
+        out = self.f(self.pre_norm(x), *args, **kwargs)
+        if isinstance(out, tuple):  # attention also returns its keys/values
+            return self.post_norm(out[0]), *out[1:]
+        return self.post_norm(out)
 
 
 class Block(nn.Module):
-    def __init__(self, config: PonderConfig):
-        super().__init__()
-        self.attn = Sublayer(config, Attention(config))
-        self.mlp = Sublayer(config, SwiGLU(config.hidden_size, config.intermediate_size))
+    """h += attn(h); [h += fast_mlp(h)]; h += mlp(h). The fast MLP exists in TTT-E2E's suffix."""
 
-    def forward(self, h, cos, sin):
-        h = h + self.attn(h, cos, sin)
-        return h + self.mlp(h)
+    def __init__(self, config: PonderConfig, fast: bool = False):
+        super().__init__()
+        self.attn = Sublayer(config, Attention(config, twice_differentiable=fast))
+        self.fast_mlp = Sublayer(config, SwiGLU(config.hidden_size, config.mlp_width)) if fast else None
+        self.mlp = Sublayer(config, SwiGLU(config.hidden_size, config.mlp_width))
+
+    def forward(self, h, cos, sin, past=None, fast_weights=None):
+        a, kv = self.attn(h, cos, sin, past)
+        h = h + a
+        if self.fast_mlp is not None:
+            h = h + self.fast_mlp(h, fast_weights)
+        return h + self.mlp(h), kv
 
 
 class PonderPreTrainedModel(PreTrainedModel):
@@ -120,8 +151,12 @@ class PonderForCausalLM(PonderPreTrainedModel):
     def __init__(self, config: PonderConfig):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        n_prefix = config.num_hidden_layers - (config.suffix_len if config.is_ttt else 0)
+        self.blocks = nn.ModuleList(Block(config, fast=i >= n_prefix) for i in range(config.num_hidden_layers))
+        self.n_prefix = n_prefix
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # The inner learning rate in use; the trainer warms it up, inference uses the config's.
+        self.inner_lr = config.ttt_inner_lr
         self.post_init()
 
     def get_input_embeddings(self):
@@ -134,22 +169,47 @@ class PonderForCausalLM(PonderPreTrainedModel):
         """Final norm and the tied output projection."""
         return F.linear(self.norm(h), self.embed.weight)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, **_) -> CausalLMOutput:
-        T = input_ids.shape[1]
-        h = self.embed(input_ids)
-        cos, sin = rope_cos_sin(torch.arange(T, device=h.device), self.config.head_dim, self.config.rope_theta, h.dtype)
-        for block in self.blocks:
-            h = block(h, cos, sin)
-        logits = self.lm_head(h)
+    def rope(self, start: int, length: int, like: torch.Tensor):
+        positions = torch.arange(start, start + length, device=like.device)
+        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, like.dtype)
+
+    def run_blocks(self, blocks, h, start: int, state: DecodeState | None, first_layer: int = 0, fast=None):
+        """Run `blocks` over h (positions start..), reading and extending `state`'s caches."""
+        cos, sin = self.rope(start, h.shape[1], h)
+        for i, block in enumerate(blocks):
+            layer = first_layer + i
+            past = state.kv[layer] if state is not None else None
+            h, kv = block(h, cos, sin, past, fast[i] if fast is not None else None)
+            if state is not None:
+                state.kv[layer] = kv
+        return h
+
+    def new_state(self, batch_size: int) -> DecodeState:
+        """An empty per-sequence decoding state: caches, and W_0 as every sequence's fast weights."""
+        fast = None
+        if self.config.is_ttt:
+            fast = [[w.detach().unsqueeze(0).expand(batch_size, *w.shape).clone() for w in b.fast_mlp.f.weights()]
+                    for b in self.blocks[self.n_prefix:]]
+        return DecodeState(kv=[None] * self.config.num_hidden_layers, fast=fast)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                state: DecodeState | None = None, **_) -> CausalLMOutput:
+        if self.config.is_ttt:
+            logits = ttt_forward(self, input_ids, targets, state)
+        else:
+            start = state.pos if state is not None else 0
+            logits = self.lm_head(self.run_blocks(self.blocks, self.embed(input_ids), start, state))
+            if state is not None:
+                state.advance(input_ids, self.config.attention_window)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(upcast(logits.flatten(0, 1)), targets.flatten(), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward and backward): 6 per weight of every matmul, the tied
         output projection included, plus attention's scores and mixing over the keys each query
-        sees on average."""
+        sees on average. (TTT-E2E's inner loop costs more: see models/ttt.py.)"""
         c = self.config
         matmul_weights = self.num_params(exclude_embeddings=True) + c.vocab_size * c.hidden_size
         keys = seq_len if c.attention_window is None else min(c.attention_window, seq_len)

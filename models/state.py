@@ -1,0 +1,61 @@
+"""Per-sequence decoding state: what a Ponder model keeps between calls.
+
+kv[layer] holds the rotated keys and values a later token may attend to (the last `window` of
+them with sliding-window attention, so a decode step costs O(window) whatever the context).
+With TTT-E2E, `fast` holds every sequence's own fast weights (per suffix layer: w1, w2, w3 with
+a leading batch dimension) and `pending_*` the chunk read since the last inner update: its suffix
+inputs and token ids. The suffix layers keep their keys for that chunk beyond the window, so the
+update can recompute the chunk exactly as it was first computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DecodeState:
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+    fast: list[list[torch.Tensor]] | None = None
+    pos: int = 0  # tokens read so far
+    learn: bool = True  # False: fast weights stay as they are (a full pending chunk is dropped)
+    chunk_start: int = 0  # position of the pending chunk's first token
+    pending_h: torch.Tensor | None = None  # [B, n, d]
+    pending_ids: torch.Tensor | None = None  # [B, n]
+    # The pending chunk's per-sequence inner loss, when the chunk was computed whole with its
+    # graph at hand; otherwise the update recomputes it.
+    pending_loss: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def pending_len(self) -> int:
+        return 0 if self.pending_ids is None else self.pending_ids.shape[1]
+
+    def trim(self, layers, keep: int | None) -> None:
+        """Keep the last `keep` keys/values of `layers` (None: keep all)."""
+        if keep is None:
+            return
+        for layer in layers:
+            if self.kv[layer] is not None:
+                k, v = self.kv[layer]
+                self.kv[layer] = (k[:, :, -keep:], v[:, :, -keep:])
+
+    def advance(self, input_ids: torch.Tensor, window: int | None) -> None:
+        self.pos += input_ids.shape[1]
+        self.trim(range(len(self.kv)), window)
+
+    def expand(self, n: int) -> DecodeState:
+        """A state for n copies of every sequence (sequence b -> rows b*n .. b*n+n-1), e.g. G
+        thoughts sampled from one context read once."""
+
+        def rep(t):
+            return None if t is None else t.repeat_interleave(n, dim=0)
+
+        return DecodeState(
+            kv=[None if kv is None else (rep(kv[0]), rep(kv[1])) for kv in self.kv],
+            fast=None if self.fast is None else [[rep(w) for w in layer] for layer in self.fast],
+            pos=self.pos, learn=self.learn, chunk_start=self.chunk_start, pending_h=rep(self.pending_h), pending_ids=rep(self.pending_ids),
+            # The copies get their own fast weights, so a pending loss is recomputed against them.
+            pending_loss=None,
+        )

@@ -209,12 +209,18 @@ class PonderForCausalLM(PonderPreTrainedModel):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward and backward): 6 per weight of every matmul, the tied
         output projection included, plus attention's scores and mixing over the keys each query
-        sees on average. (TTT-E2E's inner loop costs more: see models/ttt.py.)"""
+        sees on average. TTT-E2E adds the inner loop: a backward through the suffix and head for
+        every chunk (4 per weight), and with second order the outer backward through it (8 more)."""
         c = self.config
-        matmul_weights = self.num_params(exclude_embeddings=True) + c.vocab_size * c.hidden_size
+        head = c.vocab_size * c.hidden_size
+        matmul_weights = self.num_params(exclude_embeddings=True) + head
         keys = seq_len if c.attention_window is None else min(c.attention_window, seq_len)
         mean_keys = (keys + 1) / 2 if keys == seq_len else keys  # causal triangle vs a full band
-        return 6.0 * matmul_weights + 12.0 * c.num_hidden_layers * c.hidden_size * mean_keys
+        flops = 6.0 * matmul_weights + 12.0 * c.num_hidden_layers * c.hidden_size * mean_keys
+        if c.is_ttt:
+            suffix = sum(p.numel() for b in self.blocks[self.n_prefix:] for p in b.parameters()) + head
+            flops += (12.0 if c.ttt_grad == "second_order" else 4.0) * suffix
+        return flops
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -10,7 +10,7 @@ update can recompute the chunk exactly as it was first computed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,9 +24,6 @@ class DecodeState:
     chunk_start: int = 0  # position of the pending chunk's first token
     pending_h: torch.Tensor | None = None  # [B, n, d]
     pending_ids: torch.Tensor | None = None  # [B, n]
-    # The pending chunk's per-sequence inner loss, when the chunk was computed whole with its
-    # graph at hand; otherwise the update recomputes it.
-    pending_loss: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def pending_len(self) -> int:
@@ -55,7 +52,6 @@ class DecodeState:
         return DecodeState(
             kv=[None if kv is None else (rep(kv[0]), rep(kv[1])) for kv in self.kv],
             fast=None if self.fast is None else [[rep(w) for w in layer] for layer in self.fast],
-            pos=self.pos, learn=self.learn, chunk_start=self.chunk_start, pending_h=rep(self.pending_h), pending_ids=rep(self.pending_ids),
-            # The copies get their own fast weights, so a pending loss is recomputed against them.
-            pending_loss=None,
+            pos=self.pos, learn=self.learn, chunk_start=self.chunk_start,
+            pending_h=rep(self.pending_h), pending_ids=rep(self.pending_ids),
         )

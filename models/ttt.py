@@ -21,10 +21,9 @@ step-by-step decoding gives the logits of one forward over the whole sequence.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from models.state import DecodeState
 
@@ -68,15 +67,29 @@ def initial_fast_weights(model, batch_size: int) -> list[list[torch.Tensor]]:
             for block in model.blocks[model.n_prefix:]]
 
 
+def chunk_step(model, h: torch.Tensor, start: int, past_kv: list, fast: list[list[torch.Tensor]],
+               targets: torch.Tensor | None, second_order: bool, retain_graph: bool):
+    """Predict one chunk with the fast weights `fast`, then (given its targets) take the inner
+    step on it. A pure function of its inputs, so it can be recomputed in the backward.
+    Returns logits, the new fast weights, and the suffix keys/values [past; chunk]."""
+    P = model.n_prefix
+    scratch = DecodeState(kv=[None] * P + list(past_kv))
+    logits = model.lm_head(model.run_blocks(model.blocks[P:], h, start, scratch, P, fast))
+    if targets is not None:
+        fast = inner_sgd_step(fast, per_sequence_loss(logits, targets), model.inner_lr, model.config.ttt_clip,
+                              create_graph=second_order, retain_graph=retain_graph)
+    return logits, fast, scratch.kv[P:]
+
+
 def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, state: DecodeState | None):
     """Logits [B, T, V] of a TTT-E2E model; reads and advances `state` when given."""
     cfg = model.config
     B, T = input_ids.shape
-    b, P, window = cfg.mini_batch_size, model.n_prefix, cfg.sliding_window
+    b, P, L, window = cfg.mini_batch_size, model.n_prefix, cfg.num_hidden_layers, cfg.sliding_window
     outer_grad = torch.is_grad_enabled() and state is None  # training: keep the graph to the slow weights
     second_order = outer_grad and cfg.ttt_grad == "second_order"
     if state is None:
-        state = DecodeState(kv=[None] * cfg.num_hidden_layers, fast=initial_fast_weights(model, B))
+        state = DecodeState(kv=[None] * L, fast=initial_fast_weights(model, B))
     start = state.pos
 
     h = model.run_blocks(model.blocks[:P], model.embed(input_ids), start, state)
@@ -86,53 +99,55 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
     last = targets[:, -1:] if targets is not None else torch.full_like(input_ids[:, :1], -100)
     inner_targets = torch.cat([input_ids[:, 1:], last], dim=1)
 
-    def learn_pending(next_ids: torch.Tensor) -> None:
-        """Update the fast weights on the full pending chunk, whose last target is next_ids."""
-        chunk_targets = torch.cat([state.pending_ids[:, 1:], next_ids[:, None]], dim=1)
-        loss = state.pending_loss
-        if not state.learn:
-            state.trim(range(P, cfg.num_hidden_layers), window)
-            state.pending_h = state.pending_ids = state.pending_loss = None
-            return
-        with torch.enable_grad():
-            if loss is None:  # recompute the chunk as it was first computed
-                fast = state.fast if outer_grad else _leaves(state.fast)
-                scratch = DecodeState(kv=[None] * P + [(k[:, :, :-b], v[:, :, :-b]) for k, v in state.kv[P:]])
-                out = model.run_blocks(model.blocks[P:], state.pending_h, state.chunk_start, scratch, P, fast)
-                loss, state.fast = per_sequence_loss(model.lm_head(out), chunk_targets), fast
-            new_fast = inner_sgd_step(state.fast, loss, model.inner_lr, cfg.ttt_clip, create_graph=second_order,
-                                      retain_graph=outer_grad)
-        if not outer_grad:  # inference: drop the graph of the step just taken
-            new_fast = [[w.detach() for w in layer] for layer in new_fast]
-            state.kv[P:] = [(k.detach(), v.detach()) for k, v in state.kv[P:]]
-        state.fast = new_fast
-        state.trim(range(P, cfg.num_hidden_layers), window)
-        state.pending_h = state.pending_ids = state.pending_loss = None
+    def step(h_chunk, chunk_start, past_kv, chunk_targets):
+        """chunk_step, with the graph handling of training or of inference around it."""
+        if outer_grad:
+            args = (model, h_chunk, chunk_start, past_kv, state.fast, chunk_targets, second_order, True)
+            if cfg.ttt_recompute:  # keep only the chunk's inputs; rebuild its graph in the backward
+                return torch.utils.checkpoint.checkpoint(chunk_step, *args, use_reentrant=False)
+            return chunk_step(*args)
+        with torch.enable_grad():  # inference still needs the inner gradient, nothing more
+            logits, fast, kv = chunk_step(model, h_chunk, chunk_start, past_kv, _leaves(state.fast),
+                                          chunk_targets, False, False)
+        return logits.detach(), _detached(fast), [(k.detach(), v.detach()) for k, v in kv]
 
     logits = []
     i = 0
     while i < T:
         if state.pending_len == b:
-            learn_pending(input_ids[:, i])
+            # A chunk read piecewise (decoding) is complete and its last target has arrived:
+            # recompute it with the weights that predicted it, and learn from it.
+            chunk_targets = torch.cat([state.pending_ids[:, 1:], input_ids[:, i : i + 1]], dim=1)
+            if state.learn:
+                past = [(k[:, :, :-b], v[:, :, :-b]) for k, v in state.kv[P:]]
+                _, state.fast, _ = step(state.pending_h, state.chunk_start, past, chunk_targets)
+            state.trim(range(P, L), window)
+            state.pending_h = state.pending_ids = None
         if state.pending_len == 0:
             state.chunk_start = start + i
         j = min(T, i + b - state.pending_len)
-        # A whole chunk read in one call is learned from with the graph of this very forward,
-        # so the suffix runs once per chunk in training; that needs its last target at hand.
-        whole = state.pending_len == 0 and j - i == b and (j < T or targets is not None)
-        grad_ctx = torch.enable_grad() if whole else contextlib.nullcontext()
-        with grad_ctx:
-            fast = state.fast if (outer_grad or not whole) else _leaves(state.fast)
-            out = model.run_blocks(model.blocks[P:], h[:, i:j], start + i, state, P, fast)
-            piece_logits = model.lm_head(out)
-            state.fast = fast
-            state.pending_loss = per_sequence_loss(piece_logits, inner_targets[:, i:j]) if whole else None
-        logits.append(piece_logits if outer_grad else piece_logits.detach())
-        state.pending_h = h[:, i:j] if state.pending_h is None else torch.cat([state.pending_h, h[:, i:j]], 1)
-        state.pending_ids = input_ids[:, i:j] if state.pending_ids is None else torch.cat([state.pending_ids, input_ids[:, i:j]], 1)
+        if state.pending_len == 0 and j - i == b and (j < T or targets is not None):
+            # A whole chunk whose last target is known: predict and learn from it in one go.
+            chunk_targets = inner_targets[:, i:j] if state.learn else None
+            piece_logits, state.fast, kv = step(h[:, i:j], start + i, state.kv[P:], chunk_targets)
+            state.kv[P:] = kv
+            state.trim(range(P, L), window)
+        else:
+            piece_logits = model.lm_head(model.run_blocks(model.blocks[P:], h[:, i:j], start + i, state, P, state.fast))
+            state.pending_h = _append(state.pending_h, h[:, i:j])
+            state.pending_ids = _append(state.pending_ids, input_ids[:, i:j])
+        logits.append(piece_logits)
         i = j
     state.pos = start + T
     return torch.cat(logits, dim=1)
+
+
+def _append(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=1)
+
+
+def _detached(fast: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    return [[w.detach() for w in layer] for layer in fast]
 
 
 def _leaves(fast: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> dict[str, float]:
     device = resolve_device(cfg.device)
 
     data = prepare_data(cfg.data, run_dir, cfg.seed)
-    model = build_model(cfg.model, data.tokenizer)
+    model = build_model(cfg.model, data.tokenizer, cfg.ttt)
     print(f"model: {cfg.model.name} ({cfg.model.mode}), {model.num_params() / 1e6:.2f}M parameters; "
           f"data: {len(data.train_windows)} train / {len(data.heldout_windows)} held-out windows of "
           f"{cfg.data.seq_len} tokens; device: {device}")

@@ -44,6 +44,20 @@ def test_short_run_lowers_heldout_bpb_and_writes_outputs(tmp_path, cache):
     assert reloaded.config.vocab_size > 0
 
 
+def test_ttt_e2e_meta_learning_run(tmp_path, cache):
+    summary = pretrain.main(small_run(tmp_path, cache, "train.steps=40", "train.eval_every=20", "run_name=ttt",
+                                      "model.mode=ttt_e2e", "model.mini_batch_size=16", "model.sliding_window=16",
+                                      "model.num_hidden_layers=4", "train.log_every=10", "ttt.inner_lr_warmup=0.5"))
+    assert summary["eval/bpb"] < 0.85 * summary["bpb_start"], summary
+    records = read_metrics(tmp_path / "ttt" / "metrics.jsonl")
+    last = records[-1]
+    assert last["ttt/ilr"] == pytest.approx(1.0)  # warmed up from 0.1 over the first half of the steps
+    first_logged = next(r for r in records if "ttt/ilr" in r)
+    assert first_logged["ttt/ilr"] < 1.0
+    assert last["ttt/inner_loss_first"] > 0 and last["ttt/inner_loss_last"] > 0
+    assert len(last["eval/loss_by_position"]) == 8
+
+
 def test_resume_after_kill_continues_with_same_data_order(tmp_path, cache, monkeypatch):
     args = small_run(tmp_path, cache, "train.steps=16", "train.save_every=8", "train.eval_every=8", "train.log_every=1")
     pretrain.main(args + ["run_name=whole"])

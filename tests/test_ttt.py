@@ -188,3 +188,14 @@ def test_ttt_parameter_count_matches_the_plain_model(name):
         with torch.device("meta"):
             counts[mode] = PonderForCausalLM(PonderConfig(**fields)).num_params()
     assert abs(counts["ttt_e2e"] - counts["full"]) / counts["full"] < 0.02, counts
+
+
+def test_recompute_per_chunk_gives_the_same_gradients():
+    x = torch.randint(0, V, (2, 16))
+    y = next_tokens(x)
+    grads = {}
+    for recompute in (False, True):
+        model = ttt_model(torch.float64, ttt_recompute=recompute)
+        model(x, targets=y).loss.backward()
+        grads[recompute] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-10, atol=1e-12)

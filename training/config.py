@@ -75,8 +75,16 @@ class ModelConfig:
     pre_norm: bool = True
     post_norm: bool = True
     max_position_embeddings: int = positive(8192)
+    # TTT-E2E only: how many of the last blocks carry fast weights (null: a quarter), and the
+    # tokens per inner-loop chunk.
+    suffix_len: int | None = None
+    mini_batch_size: int = positive(32)
 
     def validate(self) -> None:
+        if self.suffix_len is not None and not 1 <= self.suffix_len <= self.num_hidden_layers:
+            raise ConfigError(
+                f"model.suffix_len={self.suffix_len} must be in [1, model.num_hidden_layers={self.num_hidden_layers}]"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} must be divisible by "
@@ -86,6 +94,21 @@ class ModelConfig:
             raise ConfigError("model.hidden_size / model.num_attention_heads (the head dim) must be even for RoPE")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ConfigError(f"model.vocab_size={self.vocab_size} must be > 0 (or null: the tokenizer's size)")
+
+
+@dataclass
+class TTTConfig:
+    """The TTT-E2E inner loop (used when model.mode=ttt_e2e)."""
+
+    grad: str = one_of("second_order", "second_order", "first_order")
+    inner_lr: float = positive(1.0)
+    inner_lr_init: float = non_negative(0.1)  # warms linearly to inner_lr ...
+    inner_lr_warmup: float = fraction(0.1)  # ... over this fraction of the outer steps
+    clip: float = positive(1.0)  # global-norm clip of each inner update, over all suffix layers
+    update_during_decode: bool = True
+    # Recompute each chunk in the backward instead of keeping its activations: memory stops
+    # growing with the number of chunks beyond the chain of fast weights.
+    recompute: bool = False
 
 
 @dataclass
@@ -144,6 +167,7 @@ class PretrainConfig:
     device: str = one_of("auto", "auto", "cpu", "cuda")
     dtype: str = one_of("float32", "float32", "bfloat16")
     model: ModelConfig = field(default_factory=ModelConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)

@@ -41,7 +41,10 @@ class MetricsLogger:
         record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}}
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log(clean, step=step)
+            flat = {}
+            for k, v in clean.items():  # lists (eval/loss_by_position) as one key per entry
+                flat.update({f"{k}/{i}": x for i, x in enumerate(v)} if isinstance(v, list) else {k: v})
+            self._wandb.log(flat, step=step)
 
     def close(self) -> None:
         self._file.close()

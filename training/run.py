@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from models import PonderConfig, PonderForCausalLM
-from training.config import ConfigError, ModelConfig, load_config, save_config
+from training.config import ConfigError, ModelConfig, TTTConfig, load_config, save_config
 from training.checkpoint import latest_checkpoint
 
 
@@ -48,9 +48,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: ModelConfig, tokenizer) -> PonderForCausalLM:
+def build_model(cfg: ModelConfig, tokenizer, ttt: TTTConfig | None = None) -> PonderForCausalLM:
     """A freshly initialised model with the tokenizer's vocabulary and special ids."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "name"}
+    ttt = ttt or TTTConfig()
+    fields.update(ttt_grad=ttt.grad, ttt_inner_lr=ttt.inner_lr, ttt_clip=ttt.clip,
+                  ttt_update_during_decode=ttt.update_during_decode, ttt_recompute=ttt.recompute)
     fields["vocab_size"] = fields["vocab_size"] or len(tokenizer)
     if fields["vocab_size"] < len(tokenizer):
         raise ConfigError(f"model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's {len(tokenizer)}")

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -38,6 +39,16 @@ def warmup_cosine(step: int, *, lr: float, end_lr: float, warmup_steps: int, tot
     return end_lr + 0.5 * (lr - end_lr) * (1 + math.cos(math.pi * progress))
 
 
+def inner_loss_first_last(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> dict[str, float]:
+    """Mean loss of the first chunk (predicted by W_0) and of the last full one (by the most
+    adapted fast weights): their gap is what the inner loop gains within a window."""
+    with torch.no_grad():
+        tok = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
+        n_full = targets.shape[1] // chunk
+        last = (n_full - 1) * chunk
+        return {"ttt/inner_loss_first": tok[:, :chunk].mean().item(), "ttt/inner_loss_last": tok[:, last:last + chunk].mean().item()}
+
+
 @contextmanager
 def timed(timings: dict[str, float], phase: str):
     start = time.perf_counter()
@@ -59,6 +70,9 @@ class Trainer:
         self.skipped_steps = 0  # non-finite losses
         self.consecutive_skips = 0
         self.flops_per_token = model.flops_per_token(loader.seq_len)
+        self.is_ttt = model.config.is_ttt
+        if self.is_ttt:
+            self.model.inner_lr = self.inner_lr_at(0)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
     # ---------------------------------------------------------------------------------- steps
@@ -66,14 +80,26 @@ class Trainer:
         o = self.cfg.optim
         return warmup_cosine(step, lr=o.lr, end_lr=o.end_lr, warmup_steps=o.warmup_steps, total_steps=self.cfg.train.steps)
 
+    def inner_lr_at(self, step: int) -> float:
+        """TTT-E2E's inner learning rate: linear from inner_lr_init to inner_lr over the warmup."""
+        t = self.cfg.ttt
+        warmup = max(1, round(t.inner_lr_warmup * self.cfg.train.steps))
+        return t.inner_lr_init + (t.inner_lr - t.inner_lr_init) * min(1.0, (step + 1) / warmup)
+
     def train_step(self, batch: torch.Tensor) -> dict[str, float]:
         """One optimiser step on a [B, T+1] batch of windows. A non-finite loss skips the step."""
         batch = batch.to(self.device, non_blocking=True)
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        extra = {}
+        if self.is_ttt:
+            self.model.inner_lr = extra["ttt/ilr"] = self.inner_lr_at(self.step)
         with self.autocast:
-            loss = self.model(batch[:, :-1], targets=batch[:, 1:]).loss
+            out = self.model(batch[:, :-1], targets=batch[:, 1:])
+        loss = out.loss
+        if self.is_ttt:
+            extra.update(inner_loss_first_last(out.logits.detach(), batch[:, 1:], self.model.config.mini_batch_size))
         self.tokens_data += batch[:, 1:].numel()
         if not torch.isfinite(loss):
             self.skipped_steps += 1
@@ -90,7 +116,7 @@ class Trainer:
         self.step += 1
         self.consecutive_skips = 0
         return {"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/lr": lr,
-                "train/skipped_steps": self.skipped_steps}
+                "train/skipped_steps": self.skipped_steps, **extra}
 
     def evaluate(self) -> dict[str, float]:
         with self.autocast:

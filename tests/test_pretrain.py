@@ -6,6 +6,7 @@ import torch
 
 import pipelines.ttt_pretrain as pretrain
 from training.metrics import read_metrics
+from training.data import WindowLoader
 from training.trainer import Trainer
 
 
@@ -76,14 +77,14 @@ def test_resume_after_kill_continues_with_same_data_order(tmp_path, cache, monke
     monkeypatch.setattr(Trainer, "train_step", real_step)
 
     seen = []
-    real_next = pretrain.WindowLoader.next_batch
+    real_next = WindowLoader.next_batch
 
     def spy(self):
         batch = real_next(self)
         seen.append(batch.clone())
         return batch
 
-    monkeypatch.setattr(pretrain.WindowLoader, "next_batch", spy)
+    monkeypatch.setattr(WindowLoader, "next_batch", spy)
     pretrain.main(args + ["run_name=killed", "resume=true"])
     assert len(seen) == 8  # steps 9..16: resumed from the step-8 checkpoint, not from scratch
 

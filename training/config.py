@@ -182,6 +182,77 @@ class PretrainConfig:
             raise ConfigError(f"optim.end_lr={self.optim.end_lr} must be <= optim.lr={self.optim.lr}")
 
 
+@dataclass
+class RLPConfig:
+    """RLP (methods.md §1): thoughts sampled at positions of the corpus, rewarded by information gain."""
+
+    group_size: int = _field(4, "must be >= 2 (advantages need a group baseline)", lambda v: v >= 2)
+    positions_per_window: int = positive(1)  # positions sampled per context window
+    min_context: int = positive(16)  # a position t has at least this many tokens before it
+    thought_max_tokens: int = positive(24)
+    temperature: float = positive(0.7)
+    top_p: float = fraction(1.0, open_low=True)
+    clip_low: float = fraction(0.2)  # PPO clip: ratio kept in [1 - clip_low, 1 + clip_high]
+    clip_high: float = non_negative(0.2)
+    ema_decay: float = fraction(0.999)  # τ of the EMA teacher
+    rlp_weight: float = non_negative(1.0)  # w_rlp
+    ttt_weight: float = non_negative(1.0)  # λ: the next-token (TTT-E2E meta-learning) loss over the window
+    max_staleness: int = positive(1)  # a rollout `max_staleness` versions older than the learner is dropped
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = one_of("torch", "torch", "vllm")
+    num_workers: int = positive(2)
+    windows_per_step: int = positive(4)  # context windows per learner step, split across workers
+
+
+@dataclass
+class PretrainStageConfig:
+    """The brief pretraining that makes a base model when `base` is empty."""
+
+    steps: int = positive(200)
+    lr: float = positive(3e-3)
+    batch_size: int = positive(16)
+    eval_every: int = positive(100)
+
+
+@dataclass
+class RLPMidtrainConfig:
+    run_name: str = "rlp_midtrain"
+    out_dir: str = "runs"
+    seed: int = 0
+    resume: bool = False
+    device: str = one_of("auto", "auto", "cpu", "cuda")
+    dtype: str = one_of("float32", "float32", "bfloat16")
+    # A model directory (save_pretrained) to start from; empty: pretrain one first with `pretrain`.
+    base: str = ""
+    # A registered reward name or "package.module:function".
+    reward: str = "rlp_info_gain"
+    ray_address: str = ""  # empty: join the cluster of `ray job submit`, or start a local one
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rlp: RLPConfig = field(default_factory=RLPConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    pretrain: PretrainStageConfig = field(default_factory=PretrainStageConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        if self.rlp.min_context >= self.data.seq_len:
+            raise ConfigError(f"rlp.min_context={self.rlp.min_context} must be < data.seq_len={self.data.seq_len}")
+        if self.optim.warmup_steps > self.train.steps:
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be <= train.steps={self.train.steps}")
+        from rewards import get_reward  # fail at start, listing the registered rewards
+
+        try:
+            get_reward(self.reward)
+        except ValueError as e:
+            raise ConfigError(f"reward={self.reward}: {e}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 

@@ -15,6 +15,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from rollout.tokens import token_bytes
+
 SPECIAL_TOKENS: dict[str, str] = {
     "bos": "<|bos|>",
     "eos": "<|eos|>",
@@ -76,37 +78,13 @@ def load_or_train_tokenizer(
     return tokenizer
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, which the ByteLevel pre-tokenizer uses."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def token_byte_lengths(tokenizer: PreTrainedTokenizerFast) -> torch.LongTensor:
     """Number of UTF-8 bytes each id stands for (0 for special tokens), for bits per byte.
 
     Counted through the byte-level table rather than decode(): a token may hold part of a
     multi-byte character, which decodes to a replacement character on its own.
     """
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-    special = set(tokenizer.all_special_ids)
-    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
-    for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
-        if i in special:
-            continue
-        if all(c in byte_of for c in token):
-            lengths[i] = len(token)  # one character per byte
-        else:  # an added plain-text token, stored as its text rather than byte-level
-            lengths[i] = len(token.encode("utf-8"))
-    return lengths
+    return torch.tensor([len(b) for b in token_bytes(tokenizer, list(range(len(tokenizer))))], dtype=torch.long)
 
 
 def think_token_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int]:

@@ -7,6 +7,7 @@ are logged as timing_s/<phase>.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import contextmanager
@@ -18,9 +19,10 @@ from tqdm.auto import tqdm
 
 from training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import OptimConfig, PretrainConfig
-from training.data import WindowLoader
+from training.data import PreparedData, WindowLoader
 from training.evaluate import heldout_bpb
 from training.metrics import MetricsLogger
+from training.run import build_model
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -185,3 +187,23 @@ class Trainer:
         bar.close()
         tqdm.write(f"step {self.step}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
         return {"bpb_start": first["eval/bpb"], **last_eval, **self.counters()}
+
+
+def run_pretraining(cfg: PretrainConfig, data: PreparedData, run_dir: Path, device: torch.device) -> dict[str, float]:
+    """Build the model and train it as `cfg` says (resuming when cfg.resume); returns the summary."""
+    model = build_model(cfg.model, data.tokenizer, cfg.ttt)
+    print(f"model: {cfg.model.name} ({cfg.model.mode}), {model.num_params() / 1e6:.2f}M parameters; "
+          f"data: {len(data.train_windows)} train / {len(data.heldout_windows)} held-out windows of "
+          f"{cfg.data.seq_len} tokens; device: {device}")
+    loader = WindowLoader(data.train_windows, cfg.train.batch_size, cfg.seed)
+    trainer = Trainer(cfg, model, loader, data.heldout_windows, data.token_bytes, run_dir, device,
+                      extra_metrics={"data/docs_skipped": data.docs_skipped})
+    resumed_at = trainer.maybe_resume() if cfg.resume else None
+    if resumed_at is not None:
+        print(f"resumed {run_dir} at step {resumed_at}")
+    logger = MetricsLogger(run_dir, config=dataclasses.asdict(cfg), wandb_mode=cfg.wandb.mode, project=cfg.wandb.project,
+                           entity=cfg.wandb.entity, run_name=cfg.run_name, resume_step=resumed_at)
+    try:
+        return trainer.fit(logger)
+    finally:
+        logger.close()

@@ -1,0 +1,145 @@
+"""RLP mid-training (methods.md §1, §6) on one Ray graph: rollout workers sample thoughts from a
+policy whose fast weights have read the context and reward them by information gain; the learner
+trains L = w_rlp·L_RLP + λ·L_NTP with one backward through the inner loop.
+
+    python pipelines/rlp_midtrain.py                                  # starts a local Ray
+    ray job submit --working-dir . -- python pipelines/rlp_midtrain.py reward=rpt_prefix_match
+    python pipelines/rlp_midtrain.py base=runs/ttt_pretrain/model     # start from a trained model
+
+With no `base` it first pretrains the configured model briefly (`pretrain.*`). Outputs in
+runs/<run_name>/: base/ (that pretraining), model/, checkpoints/, metrics.jsonl, wandb/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout or a Ray working_dir
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from rollout.worker import RolloutWorker  # noqa: E402
+from training.config import CONFIG_DIR, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
+from training.data import WindowLoader, prepare_data  # noqa: E402
+from training.learner import Learner  # noqa: E402
+from training.metrics import MetricsLogger  # noqa: E402
+from training.run import parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
+from training.trainer import run_pretraining, timed  # noqa: E402
+
+
+def start_ray(address: str) -> None:
+    if ray.is_initialized():
+        return
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # under `ray job submit`: its working_dir ships the code
+        ray.init()
+    elif address:  # a running cluster: ship this checkout (not the venv or outputs)
+        ray.init(address=address, runtime_env={"working_dir": str(ROOT),
+                                               "excludes": [".venv", "runs", ".cache", "wandb", ".git"]})
+    else:  # a local cluster on this machine
+        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+
+
+def pretrain_base(cfg: RLPMidtrainConfig, data, run_dir: Path, device) -> Path:
+    """A briefly pretrained base model (reused if this run already made one)."""
+    base_dir = run_dir / "base"
+    if (base_dir / "model" / "config.json").is_file():
+        print(f"using the base model pretrained earlier in {base_dir}")
+        return base_dir / "model"
+    print(f"no base model given: pretraining {cfg.model.name} ({cfg.model.mode}) for {cfg.pretrain.steps} steps")
+    p = cfg.pretrain
+    pre = PretrainConfig(
+        run_name="base", out_dir=str(run_dir), seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
+        model=cfg.model, ttt=cfg.ttt, data=cfg.data,
+        optim=dataclasses.replace(cfg.optim, lr=p.lr, end_lr=p.lr / 100, warmup_steps=min(30, p.steps)),
+        train=LoopConfig(steps=p.steps, batch_size=p.batch_size, eval_every=p.eval_every, save_every=p.steps,
+                         eval_windows=cfg.train.eval_windows, log_every=10),
+        wandb=WandbConfig(mode="disabled"),
+    )
+    run_pretraining(pre, data, base_dir, device)
+    return base_dir / "model"
+
+
+def main(argv: list[str]) -> dict:
+    cfg = parse_config_or_exit(RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", argv)
+    torch.manual_seed(cfg.seed)
+    run_dir = prepare_run_dir(cfg).resolve()
+    device = resolve_device(cfg.device)
+    data = prepare_data(cfg.data, run_dir, cfg.seed)
+    base = Path(cfg.base).resolve() if cfg.base else pretrain_base(cfg, data, run_dir, device)
+    tokenizer_dir = str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else str(run_dir / "tokenizer")
+
+    start_ray(cfg.ray_address)
+    tok = data.tokenizer
+    think_open = tok.convert_tokens_to_ids("<think>")
+    # The learner takes a whole core; rollout workers share what is left (they decode single-threaded).
+    learner = ray.remote(num_cpus=1)(Learner).remote(
+        cfg, str(base), str(run_dir), data.heldout_windows, data.token_bytes, think_open, tok.pad_token_id, str(device))
+    workers = [ray.remote(num_cpus=0.5)(RolloutWorker).remote(str(base), tokenizer_dir, cfg.rlp, cfg.reward,
+                                                              cfg.seed * 1000 + i, "cpu")
+               for i in range(cfg.rollout.num_workers)]
+    loader = WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed)
+    resumed = ray.get(learner.resume.remote()) if cfg.resume else None
+    if resumed is not None:
+        loader.load_state_dict(resumed["loader"])
+        sync_weights(learner, workers)
+        print(f"resumed {run_dir} at version {resumed['version']}")
+    logger = MetricsLogger(run_dir, config=dataclasses.asdict(cfg), wandb_mode=cfg.wandb.mode, project=cfg.wandb.project,
+                           entity=cfg.wandb.entity, run_name=cfg.run_name,
+                           resume_step=resumed["version"] if resumed else None)
+    try:
+        summary = rlp_loop(cfg, learner, workers, loader, logger, start=resumed["version"] if resumed else 0)
+    finally:
+        logger.close()
+    print(f"outputs in {run_dir}/: model/ (from_pretrained), checkpoints/, metrics.jsonl, base/, wandb/")
+    return summary
+
+
+def sync_weights(learner, workers) -> None:
+    policy, ema, version = learner.weights.options(num_returns=3).remote()  # into the object store once
+    ray.get([w.load_weights.remote(policy, ema, version) for w in workers])
+
+
+def rlp_loop(cfg: RLPMidtrainConfig, learner, workers, loader: WindowLoader, logger: MetricsLogger, start: int) -> dict:
+    """One step: rollout -> reward (inside the workers) -> train -> sync [-> eval] [-> save]."""
+    t = cfg.train
+    first = ray.get(learner.evaluate.remote())
+    if start == 0:
+        logger.log({**first, "tokens/data": 0, "tokens/thought": 0, "flops/total": 0}, step=0)
+    tqdm.write(f"version {start}: held-out bpb {first['eval/bpb']:.4f}")
+    last_eval, metrics = first, {}
+    for step in tqdm(range(start + 1, t.steps + 1), desc="rlp", unit="step", initial=start, total=t.steps):
+        timings: dict[str, float] = {}
+        windows = loader.next_batch()
+        with timed(timings, "rollout"):
+            rollouts = ray.get([w.rollout.remote(s) for w, s in zip(workers, windows.chunk(len(workers)))])
+        # Rewards are computed inside the workers; report their share of the rollout phase.
+        timings["timing_s/reward"] = max(r.timings["timing_s/reward"] for r in rollouts)
+        with timed(timings, "train"):
+            metrics = ray.get(learner.train_step.remote(rollouts, windows))
+        with timed(timings, "sync"):
+            sync_weights(learner, workers)
+        thought_tokens = sum(r.thought_tokens for r in rollouts)
+        metrics["perf/rollout_tokens_per_s"] = thought_tokens / timings["timing_s/rollout"]
+        if step % t.eval_every == 0 or step == t.steps:
+            with timed(timings, "eval"):
+                last_eval = ray.get(learner.evaluate.remote())
+            metrics.update(last_eval)
+        if step % t.save_every == 0 or step == t.steps:
+            with timed(timings, "save"):
+                ray.get(learner.save.remote({"loader": loader.state_dict()}))
+        if step % t.log_every == 0 or "eval/bpb" in metrics:
+            logger.log({**metrics, **timings}, step=step)
+    tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f}); "
+               f"mean reward at the last step {metrics.get('rlp/reward_mean', float('nan')):.4f}")
+    return {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

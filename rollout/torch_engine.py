@@ -1,0 +1,187 @@
+"""The built-in rollout engine: plain torch over a Ponder model, any mode (full attention, sliding
+window, TTT-E2E with its per-sequence fast weights).
+
+Every context is read ONCE: its prefill builds a DecodeState (caches, and with TTT-E2E the fast
+weights adapted to the context), which is then copied to the n rows that sample continuations.
+For RLP (`think`) the same prefill also gives the no-thought score of the next token, so
+neither the context nor its inner-loop updates are ever recomputed per thought.
+
+    engine = TorchEngine(model, device="cuda", seed=0)
+    groups = engine.think(contexts, next_tokens, n=16, max_new_tokens=256, temperature=0.7,
+                          top_p=1.0, think_open=tok.think_open, think_close=tok.think_close)
+
+Sampled tokens carry their log-prob under softmax(logits / temperature) before top-p truncation
+(see rollout/engine.py); scores of true next tokens are at temperature 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from rollout.engine import Generation, ThoughtGroup
+
+if TYPE_CHECKING:
+    from models import PonderForCausalLM
+    from models.state import DecodeState
+
+# Fed to rows that have finished while others in their batch still decode; their outputs are
+# never read, any valid id will do.
+FILLER = 0
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of the sampling distribution, softmax(logits / temperature), in at least float32.
+    Temperature 0 (greedy) has no such distribution: the model's own (temperature 1) is used."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of logits [B, V]: greedy at temperature 0, otherwise from the
+    temperature-scaled distribution cut to its top-p nucleus. Returns (token [B] long, logprob [B]),
+    logprob under the sampling distribution before the top-p cut (what the learner recomputes)."""
+    logprobs = sampling_logprobs(logits, temperature)
+    if temperature <= 0:
+        token = logprobs.argmax(-1)
+    else:
+        probs = logprobs.exp()
+        if top_p < 1.0:
+            # The nucleus: the most likely tokens until their mass reaches top_p. A token stays
+            # if the mass before it is still short of top_p; the most likely one always stays.
+            sorted_probs, order = probs.sort(-1, descending=True)
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+            drop[:, 0] = False
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+
+
+class TorchEngine:
+    """The Engine for every Ponder model, run in-process with torch (CPU or one GPU)."""
+
+    def __init__(self, model: PonderForCausalLM, device: str | torch.device = "cpu", seed: int = 0):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        # Its own generator: results depend on the seed only, not on whatever else draws numbers.
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.version = 0
+
+    def _ids(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _read(self, context: list[int]) -> tuple[DecodeState, torch.Tensor]:
+        """Prefill one context. Returns its state and the logits after its last token [1, V].
+        What comes next is decoding: TTT-E2E's fast weights keep learning from it only if the
+        config says so."""
+        if not context:
+            raise ValueError("a prompt or context needs at least one token")
+        state = self.model.new_state(1)
+        logits = self.model(self._ids([context]), state=state).logits[:, -1]
+        if self.model.config.is_ttt:
+            state.learn = self.model.config.ttt_update_during_decode
+        return state, logits
+
+    def _step(self, tokens: torch.Tensor, active: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Feed one token per row (FILLER where the row is no longer active); the next logits [B, V]."""
+        return self.model(torch.where(active, tokens, FILLER)[:, None], state=state).logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, stop: Sequence[int] = ()) -> list[list[Generation]]:
+        stop_ids = torch.tensor(list(stop), dtype=torch.long, device=self.device)
+        results = []
+        for prompt in prompts:
+            state, logits = self._read(prompt)
+            state, logits = state.expand(n), logits.expand(n, -1)
+            tokens, logprobs = [], []
+            running = torch.ones(n, dtype=torch.bool, device=self.device)
+            length = torch.full((n,), max_new_tokens, device=self.device)
+            for step in range(max_new_tokens):
+                token, logprob = sample_next(logits, temperature, top_p, self.generator)
+                tokens.append(token)
+                logprobs.append(logprob)
+                stopped = running & torch.isin(token, stop_ids)
+                length[stopped] = step + 1
+                running &= ~stopped
+                if step == max_new_tokens - 1 or not running.any():
+                    break
+                logits = self._step(token, running, state)
+            ids = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(n)]
+            lps = torch.stack(logprobs, 1).tolist() if tokens else [[] for _ in range(n)]
+            results.append([
+                Generation(ids=ids[r][:k], logprobs=lps[r][:k], finish_reason="length" if still else "stop")
+                for r, (k, still) in enumerate(zip(length.tolist(), running.tolist()))
+            ])
+        return results
+
+    @torch.no_grad()
+    def think(self, contexts: list[list[int]], next_tokens: list[int], n: int, max_new_tokens: int,
+              temperature: float, top_p: float, think_open: int, think_close: int) -> list[ThoughtGroup]:
+        """Per context: prefill it, score next_token without a thought, feed <think>, copy the
+        state to n rows and sample until each row has fed its </think> (forced at the limit);
+        the logits after a row's </think> score next_token with that thought. One context at a
+        time, its n thoughts in one batch."""
+        groups = []
+        for context, next_token in zip(contexts, next_tokens, strict=True):
+            # One prefill serves the no-thought score and, copied n times, every thought.
+            state, logits = self._read(context)
+            no_thought = sampling_logprobs(logits[0], 1.0)[next_token].item()
+            logits = self.model(self._ids([[think_open]]), state=state).logits[:, -1]
+            state, logits = state.expand(n), logits.expand(n, -1)
+
+            tokens, logprobs = [], []
+            thinking = torch.ones(n, dtype=torch.bool, device=self.device)
+            length = torch.full((n,), max_new_tokens + 1, device=self.device)
+            with_thought = torch.zeros(n, device=self.device)
+            for step in range(max_new_tokens + 1):
+                if step < max_new_tokens:
+                    token, logprob = sample_next(logits, temperature, top_p, self.generator)
+                else:  # at the limit every open thought is closed, scored as if sampled
+                    token = torch.full((n,), think_close, device=self.device)
+                    logprob = sampling_logprobs(logits, temperature)[:, think_close]
+                tokens.append(token)
+                logprobs.append(logprob)
+                closing = thinking & (token == think_close)
+                # </think> is fed too: the logits after it predict x_t given the thought.
+                logits = self._step(token, thinking, state)
+                next_logprob = sampling_logprobs(logits, 1.0)[:, next_token]
+                with_thought = torch.where(closing, next_logprob, with_thought)
+                length[closing] = step + 1
+                thinking &= ~closing
+                if not thinking.any():
+                    break
+
+            ids, lps = torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()
+            lengths = length.tolist()
+            groups.append(ThoughtGroup(
+                thoughts=[row[:k] for row, k in zip(ids, lengths)],
+                thought_logprobs=[row[:k] for row, k in zip(lps, lengths)],
+                logp_next_with_thought=with_thought.tolist(),
+                logp_next_no_thought=no_thought,
+                truncated=[k > max_new_tokens for k in lengths],
+            ))
+        return groups
+
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]], targets: list[int]) -> torch.Tensor:
+        """Teacher-forced log p(targets[i] | sequences[i]), one forward over a right-padded batch:
+        causality keeps padding out of every real position (TTT-E2E's fast weights are per
+        sequence and learn only from earlier chunks). A tensor [N] (at least float32) on the CPU."""
+        if len(sequences) != len(targets):
+            raise ValueError(f"{len(sequences)} sequences but {len(targets)} targets")
+        if any(not s for s in sequences):
+            raise ValueError("every sequence needs at least one token")
+        lengths = torch.tensor([len(s) for s in sequences], device=self.device)
+        batch = self._ids([s + [FILLER] * (int(lengths.max()) - len(s)) for s in sequences])
+        logits = self.model(batch).logits
+        last = logits[torch.arange(len(sequences), device=self.device), lengths - 1]
+        return sampling_logprobs(last, 1.0).gather(-1, self._ids(targets)[:, None]).squeeze(-1).cpu()
+
+    def load_weights(self, state: Mapping[str, torch.Tensor], version: int) -> None:
+        self.model.load_state_dict(state, strict=True)
+        self.version = version

@@ -1,0 +1,119 @@
+"""The RolloutWorker: a Ray actor that turns context windows into rewarded thought groups.
+
+For every window it chooses positions t; the policy engine reads x_<t once (with TTT-E2E, the
+fast weights train on it), samples G thoughts from that shared state and scores
+log p_θ(x_t | x_<t, c_i); the EMA teacher scores log p_φ(x_t | x_<t) when the reward needs it;
+the configured reward turns those into one float per thought. The batch it returns is tagged
+with the policy version that produced it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rewards import RewardInput, get_reward, group_advantages, score_group
+from rollout.tokens import token_texts
+from rollout.torch_engine import TorchEngine
+
+TARGET_TOKENS = 8  # tokens of the true continuation a reward sees (RPT matches multi-token prefixes)
+
+
+@dataclass
+class ThoughtSample:
+    """One thought at one position: what the learner's policy-gradient term trains on."""
+
+    context: list[int]  # x_<t
+    thought: list[int]  # the ids after <think>, ending with </think>
+    old_logprobs: list[float]  # log π_old of every thought token (sampling temperature)
+    advantage: float
+    reward: float
+
+
+@dataclass
+class Rollouts:
+    version: int  # the policy version that sampled them
+    samples: list[ThoughtSample]
+    rewards: list[float]  # every kept reward
+    dropped: int = 0  # thoughts whose reward raised, was NaN or None
+    positions: int = 0
+    thought_tokens: int = 0
+    context_tokens: int = 0  # tokens prefilled by the policy (FLOPs accounting)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def choose_positions(seq_len: int, k: int, min_context: int, generator: torch.Generator) -> list[int]:
+    """k distinct positions t in [min_context, seq_len] (x_t is the token to predict), uniform."""
+    candidates = seq_len - min_context + 1
+    picks = torch.randperm(candidates, generator=generator)[: min(k, candidates)] + min_context
+    return sorted(picks.tolist())
+
+
+class RolloutWorker:
+    """Holds the policy and the EMA teacher (each behind a TorchEngine) and the reward."""
+
+    def __init__(self, model_dir: str, tokenizer_dir: str, rlp_cfg, reward: str, seed: int, device: str = "cpu"):
+        import models  # noqa: F401  (registers the Auto classes)
+        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+        torch.set_num_threads(1)  # decoding is many tiny ops: threads only add synchronisation
+        self.cfg = rlp_cfg
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+        self.think_open, self.think_close = self.tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+        self.policy = TorchEngine(AutoModelForCausalLM.from_pretrained(model_dir), device, seed=seed)
+        self.teacher = TorchEngine(AutoModelForCausalLM.from_pretrained(model_dir), device, seed=seed + 1)
+        self.reward = get_reward(reward)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def version(self) -> int:
+        return self.policy.version
+
+    def load_weights(self, policy_state: dict, ema_state: dict, version: int) -> int:
+        self.policy.load_weights(policy_state, version)
+        self.teacher.load_weights(ema_state, version)
+        return version
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.policy.model.state_dict().items()}
+
+    def rollout(self, windows: torch.Tensor) -> Rollouts:
+        """windows: [N, T+1] token windows; one group of G thoughts per chosen position."""
+        cfg, out = self.cfg, Rollouts(version=self.version, samples=[], rewards=[])
+        start = time.perf_counter()
+        contexts, nexts, targets = [], [], []
+        for window in windows.tolist():
+            for t in choose_positions(len(window) - 1, cfg.positions_per_window, cfg.min_context, self.generator):
+                contexts.append(window[:t])
+                nexts.append(window[t])
+                targets.append(window[t : t + TARGET_TOKENS])
+        groups = self.policy.think(contexts, nexts, cfg.group_size, cfg.thought_max_tokens, cfg.temperature,
+                                   cfg.top_p, self.think_open, self.think_close)
+        ema = None
+        if "logp_no_thought_ema" in self.reward.needs:
+            ema = self.teacher.score(contexts, nexts).tolist()
+        out.timings["timing_s/rollout"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        for i, (context, group) in enumerate(zip(contexts, groups)):
+            inp = RewardInput(
+                context_ids=context, target_ids=targets[i], target_token_texts=token_texts(self.tokenizer, targets[i]),
+                thought_ids=group.thoughts, thought_texts=self.tokenizer.batch_decode(group.thoughts),
+                logp_with_thought=group.logp_next_with_thought, logp_no_thought_ema=None if ema is None else ema[i],
+                logp_no_thought_policy=group.logp_next_no_thought,
+            )
+            rewards, dropped = score_group(self.reward, inp)
+            out.dropped += dropped
+            for thought, logprobs, r, a in zip(group.thoughts, group.thought_logprobs, rewards, group_advantages(rewards)):
+                if a is None or not math.isfinite(a):
+                    continue
+                out.samples.append(ThoughtSample(context, thought, logprobs, a, r))
+                out.rewards.append(r)
+            out.positions += 1
+            out.thought_tokens += sum(len(th) for th in group.thoughts)
+            out.context_tokens += len(context)
+        out.timings["timing_s/reward"] = time.perf_counter() - start
+        return out

@@ -155,6 +155,9 @@ def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
         assert len(rewards) == 4 * 3 and all(torch.isfinite(torch.tensor(rewards)))
         metrics = ray.get(learner.train_step.remote(rollouts, windows))
         assert metrics["rlp/samples"] == 12 and metrics["rollouts/dropped_stale"] == 0
+        # Synchronous: the learner's log-probs of the thoughts are the engine's (ratio 1, no clip),
+        # fast weights included.
+        assert metrics["rlp/ratio_mean"] == pytest.approx(1.0, abs=1e-4) and metrics["rlp/clip_frac"] == 0
         sync_weights(learner, workers)
     assert ray.get(learner.get_version.remote()) == 3
     learner_weights = ray.get(learner.weights.remote())[0]

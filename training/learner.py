@@ -42,11 +42,6 @@ class Learner:
         self.counters = {"tokens/data": 0, "tokens/thought": 0, "flops/total": 0.0, "rollouts/dropped_stale": 0,
                          "rollouts/dropped_reward": 0, "train/skipped_steps": 0}
 
-    def inner_lr_at(self, step: int) -> float:
-        t = self.cfg.ttt
-        warmup = max(1, round(t.inner_lr_warmup * self.cfg.train.steps))
-        return t.inner_lr_init + (t.inner_lr - t.inner_lr_init) * min(1.0, (step + 1) / warmup)
-
     def train_step(self, rollouts: list[Rollouts], windows: torch.Tensor) -> dict[str, float]:
         cfg, rlp = self.cfg, self.cfg.rlp
         start = time.perf_counter()
@@ -62,7 +57,9 @@ class Learner:
             group["lr"] = lr
         metrics = {"train/lr": lr}
         if self.is_ttt:
-            self.model.inner_lr = metrics["ttt/ilr"] = self.inner_lr_at(self.version)
+            # Mid-training starts from a meta-trained W_0: the inner lr stays at the model's own
+            # (no warmup), which is also what the rollout engines use, so π_old and π_θ agree.
+            metrics["ttt/ilr"] = self.model.inner_lr
 
         windows = windows.to(self.device)
         loss = torch.zeros((), device=self.device)

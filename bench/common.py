@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from models import PonderConfig, PonderForCausalLM
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -52,3 +54,25 @@ def run_isolated(script: str, args: list[str]) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def add_model_args(p, window: int, chunk: int) -> None:
+    """The model shape and device flags every benchmark takes."""
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--mlp", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--window", type=int, default=window)
+    p.add_argument("--chunk", type=int, default=chunk)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(args, **config) -> PonderForCausalLM:
+    """A seeded model of the shape the flags give; `config` adds PonderConfig keys (mode, ...)."""
+    torch.manual_seed(0)
+    cfg = PonderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads, intermediate_size=args.mlp, sliding_window=args.window,
+                       mini_batch_size=args.chunk, **config)
+    return PonderForCausalLM(cfg).to(args.device)

@@ -18,16 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from bench.common import timeit  # noqa: E402
-from models import PonderConfig, PonderForCausalLM  # noqa: E402
-
-
-def build(mode: str, args) -> PonderForCausalLM:
-    torch.manual_seed(0)
-    cfg = PonderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                       num_attention_heads=args.heads, intermediate_size=args.mlp, mode=mode,
-                       sliding_window=args.window, mini_batch_size=args.chunk)
-    return PonderForCausalLM(cfg).to(args.device).eval()
+from bench.common import add_model_args, build_model, timeit  # noqa: E402
 
 
 @torch.no_grad()
@@ -51,23 +42,15 @@ def decode_latency(model, context: int, args) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--mlp", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--steps", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_args(p, window=1024, chunk=128)
     args = p.parse_args()
 
     modes = ("full", "ttt_e2e")
     latency = {m: {} for m in modes}
     with tqdm(total=len(modes) * len(args.contexts), desc="decode latency") as bar:
         for mode in modes:
-            model = build(mode, args)
+            model = build_model(args, mode=mode).eval()
             for ctx in args.contexts:
                 latency[mode][ctx] = decode_latency(model, ctx, args)
                 bar.update(1)

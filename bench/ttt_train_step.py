@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from bench.common import memory_mb, peak_memory_mb, run_isolated, timeit  # noqa: E402
-from models import PonderConfig, PonderForCausalLM  # noqa: E402
+from bench.common import add_model_args, build_model, memory_mb, peak_memory_mb, run_isolated, timeit  # noqa: E402
 
 VARIANTS = {
     "plain swa": dict(mode="swa"),
@@ -34,11 +33,7 @@ VARIANTS = {
 
 def one(args, variant: str, seq: int) -> dict:
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    cfg = PonderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                       num_attention_heads=args.heads, intermediate_size=args.mlp, sliding_window=args.window,
-                       mini_batch_size=args.chunk, **VARIANTS[variant])
-    model = PonderForCausalLM(cfg).to(device)
+    model = build_model(args, **VARIANTS[variant])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, args.vocab, (args.batch, seq + 1), device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -62,22 +57,14 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--memory-seqs", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--mlp", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--chunk", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_args(p, window=512, chunk=128)
     p.add_argument("--one", nargs=2, metavar=("VARIANT", "SEQ"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(one(args, args.one[0], int(args.one[1]))))
         return
 
-    passthrough = [a for a in sys.argv[1:]]
+    passthrough = sys.argv[1:]
     results = {}
     jobs = [(v, args.seq) for v in VARIANTS] + [(v, s) for s in args.memory_seqs
                                                  for v in ("ttt 2nd order", "ttt 2nd order + recompute")]

@@ -2,12 +2,64 @@
 Triton kernels to) and the models call the op through this package, so the implementation can be
 swapped without touching the model code.
 
+    torch path (the reference)             Triton path (kernels/triton_*.py)
+    swiglu.swiglu                          triton_swiglu.swiglu        (+ triton_bmm.bmm)
+    attention.sliding_window_attention*    triton_attention.sliding_window_attention
+    models/ttt.py clip_by_global_norm      triton_sgd.clipped_sgd_step
+    linear_ce.linear_cross_entropy         triton_linear_ce.linear_cross_entropy
+
+(*the materialised `sliding_window_attention_reference` where gradients of gradients are needed.)
+The functions below take a `backend` ("auto", "torch", "triton"; see kernels/backend.py) and pick
+one path per call. The Triton modules are imported only then, so `import kernels` neither imports
+Triton nor launches anything.
+
 The name clashes with the Hugging Face `kernels` distribution on PyPI. transformers probes for that
 one by name, finds ours, reads the version of the distribution that ships it (`ponder`), and turns
 it down as outside the range it supports; tests/test_kernels_package.py holds that line.
 """
 
-from kernels.attention import sliding_window_attention
+from kernels.attention import sliding_window_attention, sliding_window_attention_reference
+from kernels.backend import BACKENDS, check_backend, resolve_backend, triton_available
 from kernels.swiglu import swiglu
 
-__all__ = ["sliding_window_attention", "swiglu"]
+__all__ = [
+    "BACKENDS", "check_backend", "resolve_backend", "triton_available",
+    "sliding_window_attention", "swiglu",
+    "twice_differentiable_attention", "fast_swiglu", "clipped_sgd_step", "linear_cross_entropy",
+]
+
+
+def twice_differentiable_attention(q, k, v, window=None, scale=None, backend: str = "auto"):
+    """Sliding-window attention whose backward is differentiable (TTT-E2E's suffix)."""
+    if resolve_backend(backend, q.device) == "triton":
+        from kernels.triton_attention import sliding_window_attention as triton_attention
+
+        return triton_attention(q, k, v, window, scale)
+    return sliding_window_attention_reference(q, k, v, window, scale)
+
+
+def fast_swiglu(x, w1, w2, w3, backend: str = "auto"):
+    """SwiGLU with shared or per-sequence (fast) weights, differentiable to any order."""
+    if resolve_backend(backend, x.device) == "triton":
+        from kernels.triton_swiglu import swiglu as triton_swiglu
+
+        return triton_swiglu(x, w1, w2, w3)
+    return swiglu(x, w1, w2, w3)
+
+
+def clipped_sgd_step(weights, grads, lr: float, max_norm: float):
+    """Triton's fused w - lr · clip_{global norm per sequence}(g) (the torch path is in models/ttt.py)."""
+    from kernels.triton_sgd import clipped_sgd_step as triton_step
+
+    return triton_step(weights, grads, lr, max_norm)
+
+
+def linear_cross_entropy(hidden, weight, targets, backend: str = "auto"):
+    """Per-token CE of the linear head hidden @ weightᵀ ([..., d] -> [...]); 0 where target is -100."""
+    if resolve_backend(backend, hidden.device) == "triton":
+        from kernels.triton_linear_ce import linear_cross_entropy as triton_ce
+
+        return triton_ce(hidden, weight, targets)
+    from kernels.linear_ce import linear_cross_entropy as torch_ce
+
+    return torch_ce(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1)).view(targets.shape)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from kernels.backend import check_backend
+
 MODES = ("full", "swa", "ttt_e2e")
 
 
@@ -35,6 +37,7 @@ class PonderConfig(PretrainedConfig):
         ttt_grad: str = "second_order",
         ttt_recompute: bool = False,
         ttt_update_during_decode: bool = True,
+        kernels: str = "auto",
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
@@ -71,6 +74,9 @@ class PonderConfig(PretrainedConfig):
         self.ttt_grad = ttt_grad
         self.ttt_recompute = ttt_recompute
         self.ttt_update_during_decode = ttt_update_during_decode
+        # Ops of TTT-E2E's suffix and inner loop (fast SwiGLU, twice-differentiable attention,
+        # clipped update, head loss): "triton", "torch", or "auto" (Triton on CUDA, torch on CPU).
+        self.kernels = check_backend(kernels)
         if mode == "ttt_e2e" and not 1 <= self.suffix_len <= num_hidden_layers:
             raise ValueError(f"suffix_len={self.suffix_len} must be in [1, num_hidden_layers={num_hidden_layers}]")
         kwargs.setdefault("tie_word_embeddings", True)

@@ -18,14 +18,15 @@ context as it is read (models/ttt.py). Decoding goes through a DecodeState:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from kernels import sliding_window_attention, swiglu
-from kernels.attention import sliding_window_attention_reference
+from kernels import fast_swiglu, sliding_window_attention, swiglu, twice_differentiable_attention
 from models.config import PonderConfig
 from models.state import DecodeState
 from models.ttt import ttt_forward, upcast
@@ -61,8 +62,9 @@ class Attention(nn.Module):
     def __init__(self, config: PonderConfig, twice_differentiable: bool = False):
         super().__init__()
         # TTT-E2E's suffix needs gradients of gradients through attention, which fused attention
-        # kernels do not provide: there it takes the materialised path.
-        self.attention = sliding_window_attention_reference if twice_differentiable else sliding_window_attention
+        # kernels do not provide: there it takes the materialised path, or Ponder's Triton kernel.
+        self.attention = (partial(twice_differentiable_attention, backend=config.kernels) if twice_differentiable
+                          else sliding_window_attention)
         d, self.n_heads, self.head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
         self.window = config.attention_window
         self.wq = nn.Linear(d, d, bias=False)
@@ -85,8 +87,9 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, op=swiglu):
         super().__init__()
+        self.op = op
         self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
@@ -96,7 +99,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x, weights: tuple[torch.Tensor, ...] | None = None):
         """`weights` replaces the module's own (w1, w2, w3), e.g. by per-sequence fast weights."""
-        return swiglu(x, *(weights or self.weights()))
+        return self.op(x, *(weights or self.weights()))
 
 
 class Sublayer(nn.Module):
@@ -122,7 +125,8 @@ class Block(nn.Module):
     def __init__(self, config: PonderConfig, fast: bool = False):
         super().__init__()
         self.attn = Sublayer(config, Attention(config, twice_differentiable=fast))
-        self.fast_mlp = Sublayer(config, SwiGLU(config.hidden_size, config.mlp_width)) if fast else None
+        fast_op = partial(fast_swiglu, backend=config.kernels)
+        self.fast_mlp = Sublayer(config, SwiGLU(config.hidden_size, config.mlp_width, fast_op)) if fast else None
         self.mlp = Sublayer(config, SwiGLU(config.hidden_size, config.mlp_width))
 
     def forward(self, h, cos, sin, past=None, fast_weights=None):

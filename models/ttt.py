@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from kernels import clipped_sgd_step, linear_cross_entropy, resolve_backend
 from models.state import DecodeState
 
 
@@ -40,6 +41,17 @@ def per_sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return (ce.view(targets.shape) * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
+def inner_loss(model, hidden: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """per_sequence_loss of a chunk. With Triton kernels the tied head is recomputed in row chunks
+    inside one twice-differentiable op (kernels/triton_linear_ce.py), so the inner gradient's graph
+    keeps no [tokens, vocab] tensor; the logits are still made once, for the caller."""
+    if resolve_backend(model.config.kernels, hidden.device) != "triton":
+        return per_sequence_loss(logits, targets)
+    ce = linear_cross_entropy(model.norm(hidden), model.embed.weight, targets, backend="triton")
+    valid = (targets != -100).to(ce.dtype)
+    return (ce * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
 def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
     """Scale every sequence's gradients (leading dim B) so their joint norm is at most max_norm."""
     sq = sum(g.pow(2).flatten(1).sum(1) for g in grads)
@@ -48,16 +60,20 @@ def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> list[torc
 
 
 def inner_sgd_step(fast: list[list[torch.Tensor]], loss: torch.Tensor, lr: float, max_norm: float,
-                   create_graph: bool, retain_graph: bool) -> list[list[torch.Tensor]]:
+                   create_graph: bool, retain_graph: bool, kernels: str = "torch") -> list[list[torch.Tensor]]:
     """One clipped SGD step of every sequence's fast weights on its own loss ([B]).
     create_graph: differentiate through the gradient (second order); retain_graph: the outer
-    backward still needs the chunk's graph (first order in training)."""
+    backward still needs the chunk's graph (first order in training); kernels: the backend of
+    the clip and update (PonderConfig.kernels)."""
     flat = [w for layer in fast for w in layer]
     # Each sequence's loss depends only on its own row of W, so one grad of the sum gives every
     # sequence its own gradient.
     grads = torch.autograd.grad(loss.sum(), flat, create_graph=create_graph, retain_graph=retain_graph or create_graph)
-    grads = clip_by_global_norm(list(grads), max_norm)
-    new = iter([w - lr * g for w, g in zip(flat, grads)])
+    if resolve_backend(kernels, loss.device) == "triton":  # fused norms and update, kernels/triton_sgd.py
+        new = iter(clipped_sgd_step(flat, list(grads), lr, max_norm))
+    else:
+        grads = clip_by_global_norm(list(grads), max_norm)
+        new = iter([w - lr * g for w, g in zip(flat, grads)])
     return [[next(new) for _ in layer] for layer in fast]
 
 
@@ -74,10 +90,11 @@ def chunk_step(model, h: torch.Tensor, start: int, past_kv: list, fast: list[lis
     Returns logits, the new fast weights, and the suffix keys/values [past; chunk]."""
     P = model.n_prefix
     scratch = DecodeState(kv=[None] * P + list(past_kv))
-    logits = model.lm_head(model.run_blocks(model.blocks[P:], h, start, scratch, P, fast))
+    hidden = model.run_blocks(model.blocks[P:], h, start, scratch, P, fast)
+    logits = model.lm_head(hidden)
     if targets is not None:
-        fast = inner_sgd_step(fast, per_sequence_loss(logits, targets), model.inner_lr, model.config.ttt_clip,
-                              create_graph=second_order, retain_graph=retain_graph)
+        fast = inner_sgd_step(fast, inner_loss(model, hidden, logits, targets), model.inner_lr, model.config.ttt_clip,
+                              create_graph=second_order, retain_graph=retain_graph, kernels=model.config.kernels)
     return logits, fast, scratch.kv[P:]
 
 
@@ -88,6 +105,7 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
     b, P, L, window = cfg.mini_batch_size, model.n_prefix, cfg.num_hidden_layers, cfg.sliding_window
     outer_grad = torch.is_grad_enabled() and state is None  # training: keep the graph to the slow weights
     second_order = outer_grad and cfg.ttt_grad == "second_order"
+    continued = state is not None  # will the caller read on from where this call stops?
     if state is None:
         state = DecodeState(kv=[None] * L, fast=initial_fast_weights(model, B))
     start = state.pos
@@ -127,8 +145,10 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
             state.chunk_start = start + i
         j = min(T, i + b - state.pending_len)
         if state.pending_len == 0 and j - i == b and (j < T or targets is not None):
-            # A whole chunk whose last target is known: predict and learn from it in one go.
-            chunk_targets = inner_targets[:, i:j] if state.learn else None
+            # A whole chunk whose last target is known: predict and learn from it in one go
+            # (not the final chunk of a call nobody continues: those weights would go unused).
+            learn = state.learn and (j < T or continued)
+            chunk_targets = inner_targets[:, i:j] if learn else None
             piece_logits, state.fast, kv = step(h[:, i:j], start + i, state.kv[P:], chunk_targets)
             state.kv[P:] = kv
             state.trim(range(P, L), window)

@@ -13,6 +13,7 @@ runs/<run_name>/: base/ (that pretraining), model/, checkpoints/, metrics.jsonl,
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -29,14 +30,16 @@ from rollout.worker import RolloutWorker  # noqa: E402
 from training.config import CONFIG_DIR, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
 from training.data import WindowLoader, prepare_data  # noqa: E402
 from training.learner import Learner  # noqa: E402
-from training.metrics import MetricsLogger  # noqa: E402
+from training.evaluate import TaskAccuracy  # noqa: E402
+from training.metrics import MetricsLogger, read_metrics  # noqa: E402
 from training.run import parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
 from training.trainer import run_pretraining, timed  # noqa: E402
 
 
-def start_ray(address: str) -> None:
+def start_ray(address: str) -> bool:
+    """Join or start a Ray cluster; True if this call started it (the caller then shuts it down)."""
     if ray.is_initialized():
-        return
+        return False
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # under `ray job submit`: its working_dir ships the code
         ray.init()
     elif address:  # a running cluster: ship this checkout (not the venv or outputs)
@@ -44,6 +47,7 @@ def start_ray(address: str) -> None:
                                                "excludes": [".venv", "runs", ".cache", "wandb", ".git"]})
     else:  # a local cluster on this machine
         ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    return True
 
 
 def pretrain_base(cfg: RLPMidtrainConfig, data, run_dir: Path, device) -> Path:
@@ -73,32 +77,63 @@ def main(argv: list[str]) -> dict:
     device = resolve_device(cfg.device)
     data = prepare_data(cfg.data, run_dir, cfg.seed)
     base = Path(cfg.base).resolve() if cfg.base else pretrain_base(cfg, data, run_dir, device)
+    if cfg.train.data_tokens:  # steps follow from the corpus tokens to spend
+        steps = max(1, math.ceil(cfg.train.data_tokens / (cfg.rollout.windows_per_step * cfg.data.seq_len)))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps),
+                                  optim=dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps)))
     tokenizer_dir = str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else str(run_dir / "tokenizer")
 
-    start_ray(cfg.ray_address)
-    tok = data.tokenizer
-    think_open = tok.convert_tokens_to_ids("<think>")
-    # The learner takes a whole core; rollout workers share what is left (they decode single-threaded).
-    learner = ray.remote(num_cpus=1)(Learner).remote(
-        cfg, str(base), str(run_dir), data.heldout_windows, data.token_bytes, think_open, tok.pad_token_id, str(device))
-    workers = [ray.remote(num_cpus=0.5)(RolloutWorker).remote(str(base), tokenizer_dir, cfg.rlp, cfg.reward,
-                                                              cfg.seed * 1000 + i, "cpu")
-               for i in range(cfg.rollout.num_workers)]
-    loader = WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed)
-    resumed = ray.get(learner.resume.remote()) if cfg.resume else None
-    if resumed is not None:
-        loader.load_state_dict(resumed["loader"])
-        sync_weights(learner, workers)
-        print(f"resumed {run_dir} at version {resumed['version']}")
-    logger = MetricsLogger(run_dir, config=dataclasses.asdict(cfg), wandb_mode=cfg.wandb.mode, project=cfg.wandb.project,
-                           entity=cfg.wandb.entity, run_name=cfg.run_name,
-                           resume_step=resumed["version"] if resumed else None)
+    if cfg.rollout.engine == "vllm":
+        from rollout.vllm_engine import check_servable
+
+        check_servable(base)  # a model vLLM cannot serve fails here, before Ray starts
+    started = start_ray(cfg.ray_address)
     try:
-        summary = rlp_loop(cfg, learner, workers, loader, logger, start=resumed["version"] if resumed else 0)
+        learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir, device)
+        loader = WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed)
+        resumed = ray.get(learner.resume.remote()) if cfg.resume else None
+        if resumed is not None:
+            loader.load_state_dict(resumed["loader"])
+            sync_weights(learner, workers)
+            print(f"resumed {run_dir} at version {resumed['version']}")
+        logger = MetricsLogger(run_dir, config=dataclasses.asdict(cfg), wandb_mode=cfg.wandb.mode,
+                               project=cfg.wandb.project, entity=cfg.wandb.entity, run_name=cfg.run_name,
+                               resume_step=resumed["version"] if resumed else None)
+        try:
+            summary = rlp_loop(cfg, learner, workers, loader, logger, start=resumed["version"] if resumed else 0)
+        finally:
+            logger.close()
     finally:
-        logger.close()
+        if started:
+            ray.shutdown()
     print(f"outputs in {run_dir}/: model/ (from_pretrained), checkpoints/, metrics.jsonl, base/, wandb/")
     return summary
+
+
+def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, run_dir: Path, device):
+    """The Learner actor and the RolloutWorker actors, all starting from `base`."""
+    tok = data.tokenizer
+    task_eval = None
+    if cfg.train.task_problems:
+        task_eval = TaskAccuracy(tok, data.heldout_docs, cfg.train.task_problems, cfg.train.task_max_new_tokens,
+                                 think_tokens=cfg.rlp.thought_max_tokens)
+    # The learner takes a whole core; rollout workers share what is left (they decode single-threaded).
+    learner = ray.remote(num_cpus=1)(Learner).remote(
+        cfg, str(base), str(run_dir), data.heldout_windows, data.token_bytes, tok.convert_tokens_to_ids("<think>"),
+        tok.pad_token_id, str(device), task_eval, base_counters(base))
+    workers = [ray.remote(num_cpus=0.5)(RolloutWorker).remote(str(base), tokenizer_dir, cfg.rlp, cfg.reward,
+                                                              cfg.seed * 1000 + i, "cpu", engine=cfg.rollout.engine)
+               for i in range(cfg.rollout.num_workers)]
+    return learner, workers
+
+
+def base_counters(base: Path) -> dict[str, float]:
+    """Data tokens and FLOPs the base model cost, when it was pretrained by a run we can read."""
+    metrics = base.parent / "metrics.jsonl"
+    if not metrics.is_file():
+        return {}
+    last = read_metrics(metrics)[-1]
+    return {k: last[k] for k in ("tokens/data", "flops/total") if k in last}
 
 
 def sync_weights(learner, workers) -> None:
@@ -111,7 +146,7 @@ def rlp_loop(cfg: RLPMidtrainConfig, learner, workers, loader: WindowLoader, log
     t = cfg.train
     first = ray.get(learner.evaluate.remote())
     if start == 0:
-        logger.log({**first, "tokens/data": 0, "tokens/thought": 0, "flops/total": 0}, step=0)
+        logger.log(first, step=0)
     tqdm.write(f"version {start}: held-out bpb {first['eval/bpb']:.4f}")
     last_eval, metrics = first, {}
     for step in tqdm(range(start + 1, t.steps + 1), desc="rlp", unit="step", initial=start, total=t.steps):

@@ -53,9 +53,12 @@ def choose_positions(seq_len: int, k: int, min_context: int, generator: torch.Ge
 
 
 class RolloutWorker:
-    """Holds the policy and the EMA teacher (each behind a TorchEngine) and the reward."""
+    """Holds the policy, the EMA teacher and the reward. The policy runs on the torch engine or,
+    with engine="vllm", on vLLM (Hugging Face architectures only); the teacher, which only scores
+    contexts, always runs on the torch engine."""
 
-    def __init__(self, model_dir: str, tokenizer_dir: str, rlp_cfg, reward: str, seed: int, device: str = "cpu"):
+    def __init__(self, model_dir: str, tokenizer_dir: str, rlp_cfg, reward: str, seed: int, device: str = "cpu",
+                 engine: str = "torch"):
         import models  # noqa: F401  (registers the Auto classes)
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -63,7 +66,14 @@ class RolloutWorker:
         self.cfg = rlp_cfg
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
         self.think_open, self.think_close = self.tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
-        self.policy = TorchEngine(AutoModelForCausalLM.from_pretrained(model_dir), device, seed=seed)
+        if engine == "vllm":
+            from rollout.vllm_engine import VLLMEngine
+
+            self.policy = VLLMEngine(model_dir, seed=seed)  # refuses Ponder models, naming rollout.engine=torch
+        elif engine == "torch":
+            self.policy = TorchEngine(AutoModelForCausalLM.from_pretrained(model_dir), device, seed=seed)
+        else:
+            raise ValueError(f"rollout.engine={engine!r}: must be 'torch' or 'vllm'")
         self.teacher = TorchEngine(AutoModelForCausalLM.from_pretrained(model_dir), device, seed=seed + 1)
         self.reward = get_reward(reward)
         self.generator = torch.Generator().manual_seed(seed)
@@ -78,6 +88,9 @@ class RolloutWorker:
         return version
 
     def weights(self) -> dict[str, torch.Tensor]:
+        """The policy's weights (torch engine; vLLM keeps them in its own fused layout)."""
+        if not isinstance(self.policy, TorchEngine):
+            raise NotImplementedError("weights() reads the torch engine's model only")
         return {k: v.detach().clone() for k, v in self.policy.model.state_dict().items()}
 
     def rollout(self, windows: torch.Tensor) -> Rollouts:

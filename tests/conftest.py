@@ -1,6 +1,12 @@
 import os
+import shutil
 import sys
 from pathlib import Path
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before
+# anything imports triton (torch itself may, through torch._dynamo).
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Nothing is fetched from a hub, nothing is uploaded.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

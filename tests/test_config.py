@@ -59,3 +59,10 @@ def test_pipeline_exits_with_message(capsys):
         p.main(["optim.lrr=1"])
     assert exit_info.value.code == 2
     assert "optim.lrr" in capsys.readouterr().err
+
+
+def test_vllm_engine_needs_a_base_it_can_serve():
+    from training.config import RLPMidtrainConfig
+
+    with pytest.raises(ConfigError, match=r"rollout.engine=vllm needs base=.*rollout.engine=torch"):
+        load_config(RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", ["rollout.engine=vllm"])

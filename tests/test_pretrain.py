@@ -66,10 +66,10 @@ def test_resume_after_kill_continues_with_same_data_order(tmp_path, cache, monke
 
     real_step = Trainer.train_step
 
-    def dies_at_step_11(self, batch):
+    def dies_at_step_11(self, batch, *args):
         if self.step == 11:
             raise KeyboardInterrupt("killed")
-        return real_step(self, batch)
+        return real_step(self, batch, *args)
 
     monkeypatch.setattr(Trainer, "train_step", dies_at_step_11)
     with pytest.raises(KeyboardInterrupt):

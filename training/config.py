@@ -123,6 +123,11 @@ class DataConfig:
     seq_len: int = positive(256)  # tokens per training window
     vocab_size: int = positive(4096)  # of the tokenizer trained on the corpus
     tokenizer: str = ""  # a saved tokenizer to use; empty: <run dir>/tokenizer (trained if absent)
+    # tpt: append <think> thinking </think> to every train document (methods.md §3), the
+    # thinking read from `thinking_field` (the embedded corpus's worked solutions by default,
+    # or what pipelines/tpt_augment.py wrote).
+    augment: str = one_of("none", "none", "tpt")
+    thinking_field: str = "solution"
     cache_dir: str = ".cache/ponder"
 
     def validate(self) -> None:
@@ -144,10 +149,15 @@ class OptimConfig:
 @dataclass
 class LoopConfig:
     steps: int = positive(500)
+    # > 0: train on this many data tokens instead (steps follow from it, thinking tokens of
+    # TPT not counted), so methods compare at equal corpus tokens.
+    data_tokens: int = non_negative(0)
     batch_size: int = positive(16)
     log_every: int = positive(10)
     eval_every: int = positive(100)
     eval_windows: int = positive(64)  # held-out windows per evaluation
+    task_problems: int = non_negative(0)  # held-out problems answered per evaluation (eval/task_acc); 0: off
+    task_max_new_tokens: int = positive(64)
     save_every: int = positive(100)
 
 
@@ -218,39 +228,74 @@ class PretrainStageConfig:
 
 
 @dataclass
-class RLPMidtrainConfig:
+class RLPMidtrainConfig(PretrainConfig):
+    """Everything of pretraining (model, data, optimiser, loop, ...) plus RLP's own sections."""
+
     run_name: str = "rlp_midtrain"
-    out_dir: str = "runs"
-    seed: int = 0
-    resume: bool = False
-    device: str = one_of("auto", "auto", "cpu", "cuda")
-    dtype: str = one_of("float32", "float32", "bfloat16")
     # A model directory (save_pretrained) to start from; empty: pretrain one first with `pretrain`.
     base: str = ""
     # A registered reward name or "package.module:function".
     reward: str = "rlp_info_gain"
     ray_address: str = ""  # empty: join the cluster of `ray job submit`, or start a local one
-    model: ModelConfig = field(default_factory=ModelConfig)
-    ttt: TTTConfig = field(default_factory=TTTConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     rlp: RLPConfig = field(default_factory=RLPConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: LoopConfig = field(default_factory=LoopConfig)
     pretrain: PretrainStageConfig = field(default_factory=PretrainStageConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
+        super().validate()
+        if self.rollout.engine == "vllm" and not self.base:
+            raise ConfigError("rollout.engine=vllm needs base=<a Hugging Face causal LM dir vLLM serves>: the base "
+                              "this pipeline would pretrain is a Ponder model, which needs rollout.engine=torch")
         if self.rlp.min_context >= self.data.seq_len:
             raise ConfigError(f"rlp.min_context={self.rlp.min_context} must be < data.seq_len={self.data.seq_len}")
-        if self.optim.warmup_steps > self.train.steps:
-            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be <= train.steps={self.train.steps}")
         from rewards import get_reward  # fail at start, listing the registered rewards
 
         try:
             get_reward(self.reward)
         except ValueError as e:
             raise ConfigError(f"reward={self.reward}: {e}") from None
+
+
+METHODS = ("ntp_plain", "ntp_ttt", "tpt", "rlp")
+
+
+@dataclass
+class CompareConfig:
+    """Several methods on one corpus, seed and data-token budget (pipelines/compare.py)."""
+
+    out_dir: str = "runs/compare"
+    seed: int = 0
+    methods: list = _field(list(METHODS), f"must be a non-empty list drawn from {list(METHODS)}",
+                           lambda v: len(v) > 0 and all(m in METHODS for m in v))
+    budget_tokens: int = positive(400_000)  # data tokens every method trains on
+    eval_points: int = positive(5)  # evaluations along each run
+    task_problems: int = non_negative(16)
+    rlp_fraction: float = fraction(0.25, open_low=True)  # of the budget spent in RLP (the rest pretrains its base)
+    batch_size: int = positive(16)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TPTAugmentConfig:
+    """TPT's thinking written by a model (pipelines/tpt_augment.py)."""
+
+    model: str = ""  # a save_pretrained model dir that writes the thinking (required)
+    tokenizer: str = ""  # its tokenizer dir (empty: <model>/../tokenizer)
+    out: str = "runs/tpt_corpus/documents.jsonl"
+    data: DataConfig = field(default_factory=DataConfig)
+    max_docs: int = non_negative(0)  # 0: every document
+    max_thinking_tokens: int = positive(128)  # the paper allows 8k
+    temperature: float = positive(0.6)
+    top_p: float = fraction(0.9, open_low=True)
+    num_workers: int = positive(2)
+    seed: int = 0
+    ray_address: str = ""
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("model is empty: give model=<a save_pretrained model dir> to write the thinking")
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +318,7 @@ def load_config(schema: type, yaml_path: str | Path, overrides: Sequence[str] = 
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
-        if key in GROUPS and key in {f.name for f in dataclasses.fields(schema)}:
+        if key in GROUPS and dataclasses.is_dataclass(typing.get_type_hints(schema).get(key)):
             group_choice[key] = value
         else:
             dotlist.append(item)

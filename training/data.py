@@ -247,12 +247,15 @@ class WindowLoader:
     stream is a pure function of (seed, epoch, cursor). The last partial batch is dropped.
     """
 
-    def __init__(self, windows: torch.Tensor, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, windows: torch.Tensor, batch_size: int, seed: int, shuffle: bool = True,
+                 thought_mask: torch.Tensor | None = None):
         if batch_size <= 0 or batch_size > len(windows):
             raise ValueError(
                 f"batch_size={batch_size} must be between 1 and the number of windows ({len(windows)})"
             )
         self.windows = windows
+        self.thought_mask = thought_mask  # aligned with windows: thinking tokens (TPT)
+        self.last_thought_tokens = 0  # thinking tokens among the targets of the last batch
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -278,6 +281,8 @@ class WindowLoader:
         start = self.cursor * self.batch_size
         idx = self._epoch_order()[start : start + self.batch_size]
         self.cursor += 1
+        if self.thought_mask is not None:
+            self.last_thought_tokens = int(self.thought_mask[idx, 1:].sum())
         return self.windows[idx]
 
     def __iter__(self):
@@ -305,11 +310,23 @@ class PreparedData:
     heldout_docs: Dataset
     token_bytes: torch.Tensor  # [V] UTF-8 bytes per token id, for bits per byte
     docs_skipped: int
+    # [N, seq_len + 1], True on thinking tokens that TPT appended (None without augmentation):
+    # they are counted as thought tokens, not data tokens.
+    train_thought_mask: torch.Tensor | None = None
+
+
+def tpt_document(tokenizer, document: list[int], thinking: str) -> tuple[list[int], list[int]]:
+    """TPT's [d ; <think> t </think>] (methods.md §3) and its 0/1 mask of thinking tokens."""
+    if not thinking.strip():
+        return document, [0] * len(document)
+    t = tokenizer(f"<think>{thinking.strip()}</think>", add_special_tokens=False)["input_ids"]
+    return document + t, [0] * len(document) + [1] * len(t)
 
 
 def prepare_data(cfg: DataConfig, run_dir: str | Path, seed: int) -> PreparedData:
     """Corpus -> clean -> split by document -> tokenizer (trained on the train split, or reused)
-    -> packed windows for both splits."""
+    -> packed windows for both splits (with TPT's thinking appended to train documents when
+    data.augment=tpt; held-out documents stay original)."""
     if cfg.source == "embedded":
         docs = build_embedded_corpus(cfg.num_docs, seed, cfg.cache_dir)
     else:
@@ -322,8 +339,21 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, seed: int) -> PreparedDat
         Path(cfg.tokenizer or Path(run_dir) / "tokenizer"), lambda: train[cfg.text_field], cfg.vocab_size
     )
     eos = tokenizer.eos_token_id
-    windows = {
-        name: pack_documents(tokenize_documents(tokenizer, split[cfg.text_field]), eos, cfg.seq_len)
-        for name, split in (("train", train), ("heldout", heldout))
-    }
-    return PreparedData(tokenizer, windows["train"], windows["heldout"], heldout, token_byte_lengths(tokenizer), skipped)
+    train_ids = tokenize_documents(tokenizer, train[cfg.text_field])
+    mask = None
+    if cfg.augment == "tpt":
+        if cfg.thinking_field not in train.column_names:
+            raise KeyError(f"data.augment=tpt needs a column data.thinking_field={cfg.thinking_field!r}; "
+                           f"the corpus has {train.column_names}")
+        pairs = [tpt_document(tokenizer, ids, t or "") for ids, t in zip(train_ids, train[cfg.thinking_field])]
+        train_ids = [ids for ids, _ in pairs]
+        mask = pack_documents([m for _, m in pairs], 0, cfg.seq_len).bool()
+    return PreparedData(
+        tokenizer,
+        pack_documents(train_ids, eos, cfg.seq_len),
+        pack_documents(tokenize_documents(tokenizer, heldout[cfg.text_field]), eos, cfg.seq_len),
+        heldout,
+        token_byte_lengths(tokenizer),
+        skipped,
+        mask,
+    )

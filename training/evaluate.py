@@ -45,3 +45,48 @@ def heldout_bpb(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_s
                    for n, c in zip(pos_nats.chunk(position_buckets), pos_count.chunk(position_buckets))]
     return {"eval/bpb": nats / (math.log(2) * max(n_bytes, 1)), "eval/loss": nats / max(n_tokens, 1),
             "eval/loss_by_position": by_position}
+
+
+class TaskAccuracy:
+    """Greedy answers to held-out problems of the embedded corpus, graded by reasoning-gym's own
+    scorer (a problem counts as solved when it scores 1).
+
+    The prompt is the document's opening, "Question: ...\\n"; the model writes on (a solution,
+    then "Answer: ..."), and the text after the last "Answer:" is graded. A method that thinks
+    first writes a thought between <think> and </think> (at most `think_tokens`), then answers.
+    """
+
+    def __init__(self, tokenizer, docs, problems: int = 16, max_new_tokens: int = 64, think_tokens: int = 0):
+        if "question" not in docs.column_names or "answer" not in docs.column_names:
+            raise KeyError(f"task accuracy needs question and answer columns; the held-out documents have {docs.column_names}")
+        self.tokenizer, self.max_new_tokens, self.think_tokens = tokenizer, max_new_tokens, think_tokens
+        self.rows = list(docs.select(range(min(problems, len(docs)))))
+        self.think_open, self.think_close = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+
+    def __call__(self, model) -> dict[str, float]:
+        from reasoning_gym import get_score_answer_fn
+
+        from rollout.torch_engine import TorchEngine
+
+        was_training, threads = model.training, torch.get_num_threads()
+        torch.set_num_threads(1)  # decoding is many tiny ops: more threads only add synchronisation
+        engine = TorchEngine(model, device=next(model.parameters()).device)
+        prompts = [self.tokenizer(f"Question: {r['question']}\n", add_special_tokens=False)["input_ids"] for r in self.rows]
+        if self.think_tokens:
+            thoughts = engine.generate([p + [self.think_open] for p in prompts], 1, self.think_tokens, 0.0,
+                                       stop=[self.think_close])
+            prompts = [p + [self.think_open] + _closed(g[0].ids, self.think_close) for p, g in zip(prompts, thoughts)]
+        outputs = engine.generate(prompts, 1, self.max_new_tokens, 0.0, stop=[self.tokenizer.eos_token_id])
+        solved = 0
+        for row, out in zip(self.rows, outputs):
+            text = self.tokenizer.decode(out[0].ids, skip_special_tokens=True)
+            answer = text.rsplit("Answer:", 1)[1].strip().split("\n")[0].strip() if "Answer:" in text else None
+            entry = {"question": row["question"], "answer": row["answer"], "metadata": {}}
+            solved += get_score_answer_fn(row["task"])(answer, entry) >= 1.0
+        model.train(was_training)
+        torch.set_num_threads(threads)
+        return {"eval/task_acc": solved / max(len(self.rows), 1)}
+
+
+def _closed(thought: list[int], think_close: int) -> list[int]:
+    return thought if thought and thought[-1] == think_close else thought + [think_close]

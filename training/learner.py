@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from models.hf import flops_per_token, is_ttt, next_token_loss
 from rollout.worker import Rollouts
 from training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.evaluate import heldout_bpb
@@ -27,7 +28,10 @@ from training.trainer import build_optimizer, warmup_cosine
 
 class Learner:
     def __init__(self, cfg, model_dir: str, run_dir: str, heldout_windows: torch.Tensor, token_bytes: torch.Tensor,
-                 think_open: int, pad_id: int, device: str = "cpu"):
+                 think_open: int, pad_id: int, device: str = "cpu", task_eval=None,
+                 initial_counters: dict[str, float] | None = None):
+        """initial_counters: tokens/data and flops/total spent before this run (its base model's
+        pretraining), so the curves of a run that pretrained its own base start where it ended."""
         import models  # noqa: F401  (registers the Auto classes)
         from transformers import AutoModelForCausalLM
 
@@ -37,10 +41,11 @@ class Learner:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.heldout_windows = heldout_windows[: cfg.train.eval_windows]
         self.token_bytes, self.think_open, self.pad_id = token_bytes, think_open, pad_id
-        self.is_ttt = self.model.config.is_ttt
+        self.is_ttt = is_ttt(self.model)  # a Ponder TTT-E2E model; Hugging Face causal LMs train too
         self.version = 0  # optimiser steps taken = the policy version
         self.counters = {"tokens/data": 0, "tokens/thought": 0, "flops/total": 0.0, "rollouts/dropped_stale": 0,
-                         "rollouts/dropped_reward": 0, "train/skipped_steps": 0}
+                         "rollouts/dropped_reward": 0, "train/skipped_steps": 0, **(initial_counters or {})}
+        self.task_eval = task_eval
 
     def train_step(self, rollouts: list[Rollouts], windows: torch.Tensor) -> dict[str, float]:
         cfg, rlp = self.cfg, self.cfg.rlp
@@ -64,7 +69,7 @@ class Learner:
         windows = windows.to(self.device)
         loss = torch.zeros((), device=self.device)
         if rlp.ttt_weight > 0:
-            ntp = self.model(windows[:, :-1], targets=windows[:, 1:]).loss
+            ntp = next_token_loss(self.model, windows[:, :-1], windows[:, 1:])
             loss = loss + rlp.ttt_weight * ntp
             metrics["train/loss_ntp"] = ntp.item()
         thought_seq_tokens = 0
@@ -82,7 +87,7 @@ class Learner:
         self.counters["tokens/thought"] += sum(r.thought_tokens for r in fresh)
         seq_len = windows.shape[1] - 1
         # Learner: forward+backward over windows and thought sequences; rollouts: forward only (1/3).
-        fpt = self.model.flops_per_token(seq_len)
+        fpt = flops_per_token(self.model, seq_len)
         rollout_tokens = sum(r.context_tokens + r.thought_tokens for r in rollouts)
         self.counters["flops/total"] += fpt * (data_tokens + thought_seq_tokens) + fpt / 3 * rollout_tokens
 
@@ -125,7 +130,10 @@ class Learner:
         return cpu(self.model), cpu(self.ema), self.version
 
     def evaluate(self) -> dict:
-        return heldout_bpb(self.model, self.heldout_windows, self.token_bytes, self.cfg.train.batch_size, self.device)
+        metrics = heldout_bpb(self.model, self.heldout_windows, self.token_bytes, self.cfg.train.batch_size, self.device)
+        if self.task_eval is not None:
+            metrics.update(self.task_eval(self.model))
+        return {**metrics, **self.counters}
 
     # ------------------------------------------------------------------------------- checkpoint
     def save(self, extra: dict | None = None) -> str:

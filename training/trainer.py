@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import OptimConfig, PretrainConfig
 from training.data import PreparedData, WindowLoader
-from training.evaluate import heldout_bpb
+from training.evaluate import TaskAccuracy, heldout_bpb
 from training.metrics import MetricsLogger
 from training.run import build_model
 
@@ -61,14 +61,17 @@ def timed(timings: dict[str, float], phase: str):
 class Trainer:
     def __init__(self, cfg: PretrainConfig, model: torch.nn.Module, loader: WindowLoader,
                  heldout_windows: torch.Tensor, token_bytes: torch.Tensor, run_dir: str | Path,
-                 device: torch.device, extra_metrics: dict[str, float] | None = None):
+                 device: torch.device, extra_metrics: dict[str, float] | None = None,
+                 task_eval: TaskAccuracy | None = None):
         self.cfg, self.model, self.loader = cfg, model.to(device), loader
         self.heldout_windows = heldout_windows[: cfg.train.eval_windows]
         self.token_bytes, self.run_dir, self.device = token_bytes, Path(run_dir), device
         self.extra_metrics = extra_metrics or {}
+        self.task_eval = task_eval
         self.optimizer = build_optimizer(model, cfg.optim)
         self.step = 0  # optimiser steps taken
         self.tokens_data = 0  # corpus tokens the model has trained on
+        self.tokens_thought = 0  # thinking tokens it trained on (TPT)
         self.skipped_steps = 0  # non-finite losses
         self.consecutive_skips = 0
         self.flops_per_token = model.flops_per_token(loader.seq_len)
@@ -88,8 +91,9 @@ class Trainer:
         warmup = max(1, round(t.inner_lr_warmup * self.cfg.train.steps))
         return t.inner_lr_init + (t.inner_lr - t.inner_lr_init) * min(1.0, (step + 1) / warmup)
 
-    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
-        """One optimiser step on a [B, T+1] batch of windows. A non-finite loss skips the step."""
+    def train_step(self, batch: torch.Tensor, thought_tokens: int = 0) -> dict[str, float]:
+        """One optimiser step on a [B, T+1] batch of windows, `thought_tokens` of whose targets
+        are appended thinking (TPT). A non-finite loss skips the step."""
         batch = batch.to(self.device, non_blocking=True)
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -102,7 +106,8 @@ class Trainer:
         loss = out.loss
         if self.is_ttt:
             extra.update(inner_loss_first_last(out.logits.detach(), batch[:, 1:], self.model.config.mini_batch_size))
-        self.tokens_data += batch[:, 1:].numel()
+        self.tokens_data += batch[:, 1:].numel() - thought_tokens
+        self.tokens_thought += thought_tokens
         if not torch.isfinite(loss):
             self.skipped_steps += 1
             self.consecutive_skips += 1
@@ -122,12 +127,16 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         with self.autocast:
-            return heldout_bpb(self.model, self.heldout_windows, self.token_bytes, self.cfg.train.batch_size, self.device)
+            metrics = heldout_bpb(self.model, self.heldout_windows, self.token_bytes, self.cfg.train.batch_size, self.device)
+            if self.task_eval is not None:
+                metrics.update(self.task_eval(self.model))
+        return metrics
 
     # ------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
         return {
-            "step": self.step, "tokens_data": self.tokens_data, "skipped_steps": self.skipped_steps,
+            "step": self.step, "tokens_data": self.tokens_data, "tokens_thought": self.tokens_thought,
+            "skipped_steps": self.skipped_steps,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "loader": self.loader.state_dict(), "rng": rng_state(),
         }
@@ -138,6 +147,7 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step, self.tokens_data, self.skipped_steps = state["step"], state["tokens_data"], state["skipped_steps"]
+        self.tokens_thought = state["tokens_thought"]
 
     def save(self) -> Path:
         path = save_checkpoint(self.run_dir, self.step, self.state_dict())
@@ -154,7 +164,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- loop
     def counters(self) -> dict[str, float]:
-        return {"tokens/data": self.tokens_data, "flops/total": self.flops_per_token * self.tokens_data}
+        trained = self.tokens_data + self.tokens_thought
+        return {"tokens/data": self.tokens_data, "tokens/thought": self.tokens_thought,
+                "flops/total": self.flops_per_token * trained}
 
     def fit(self, logger: MetricsLogger) -> dict[str, float]:
         t = self.cfg.train
@@ -167,7 +179,8 @@ class Trainer:
         while self.step < t.steps:
             timings: dict[str, float] = {}
             with timed(timings, "train"):
-                metrics = self.train_step(self.loader.next_batch())
+                batch = self.loader.next_batch()
+                metrics = self.train_step(batch, self.loader.last_thought_tokens)
             if metrics.pop("skipped", False):
                 tqdm.write(f"step {self.step}: loss not finite, step skipped ({self.skipped_steps} so far)")
                 continue
@@ -191,13 +204,18 @@ class Trainer:
 
 def run_pretraining(cfg: PretrainConfig, data: PreparedData, run_dir: Path, device: torch.device) -> dict[str, float]:
     """Build the model and train it as `cfg` says (resuming when cfg.resume); returns the summary."""
+    if cfg.train.data_tokens:
+        cfg = with_data_token_budget(cfg, data)
     model = build_model(cfg.model, data.tokenizer, cfg.ttt)
     print(f"model: {cfg.model.name} ({cfg.model.mode}), {model.num_params() / 1e6:.2f}M parameters; "
           f"data: {len(data.train_windows)} train / {len(data.heldout_windows)} held-out windows of "
           f"{cfg.data.seq_len} tokens; device: {device}")
-    loader = WindowLoader(data.train_windows, cfg.train.batch_size, cfg.seed)
+    loader = WindowLoader(data.train_windows, cfg.train.batch_size, cfg.seed, thought_mask=data.train_thought_mask)
+    task_eval = None
+    if cfg.train.task_problems:
+        task_eval = TaskAccuracy(data.tokenizer, data.heldout_docs, cfg.train.task_problems, cfg.train.task_max_new_tokens)
     trainer = Trainer(cfg, model, loader, data.heldout_windows, data.token_bytes, run_dir, device,
-                      extra_metrics={"data/docs_skipped": data.docs_skipped})
+                      extra_metrics={"data/docs_skipped": data.docs_skipped}, task_eval=task_eval)
     resumed_at = trainer.maybe_resume() if cfg.resume else None
     if resumed_at is not None:
         print(f"resumed {run_dir} at step {resumed_at}")
@@ -207,3 +225,13 @@ def run_pretraining(cfg: PretrainConfig, data: PreparedData, run_dir: Path, devi
         return trainer.fit(logger)
     finally:
         logger.close()
+
+
+def with_data_token_budget(cfg: PretrainConfig, data: PreparedData) -> PretrainConfig:
+    """cfg with train.steps set so the run consumes train.data_tokens corpus tokens (a TPT
+    window holds fewer of them: its appended thinking is counted apart)."""
+    thought_frac = 0.0 if data.train_thought_mask is None else data.train_thought_mask[:, 1:].float().mean().item()
+    per_step = cfg.train.batch_size * cfg.data.seq_len * (1 - thought_frac)
+    steps = max(1, math.ceil(cfg.train.data_tokens / per_step))
+    optim = dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps), optim=optim)

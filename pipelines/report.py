@@ -1,0 +1,212 @@
+"""The data-efficiency dashboard: held-out quality against corpus tokens (and FLOPs), one line per
+run, from the runs' metrics.jsonl.
+
+    python pipelines/report.py runs/compare                 # -> runs/compare/report/index.html + PNGs
+    python pipelines/report.py runs/ --baseline ntp_plain --out my_report
+
+Writes one self-contained HTML page (plots embedded) and the PNGs beside it, with a table of the
+data tokens each run needed to reach the baseline's final held-out bits per byte; the same curves
+go to an offline wandb run (`--wandb online` to upload). A run that pretrained its own base model
+(runs/<rlp>/base/) is drawn from the start of that pretraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from training.metrics import read_metrics  # noqa: E402
+
+AXES = {"tokens/data": "data tokens (corpus tokens trained on)", "flops/total": "training FLOPs"}
+QUALITY = {"eval/bpb": "held-out bits per byte (lower is better)", "eval/task_acc": "held-out task accuracy"}
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    points: list[dict] = field(default_factory=list)  # evaluation records, in order of data tokens
+
+    def curve(self, x: str, y: str) -> tuple[list[float], list[float]]:
+        pts = [(p[x], p[y]) for p in self.points if p.get(x) is not None and p.get(y) is not None and p[x] > 0]
+        return [a for a, _ in pts], [b for _, b in pts]
+
+
+def find_runs(root: Path) -> list[Run]:
+    """Every directory under root with a metrics.jsonl holding evaluations; a base/ pretraining
+    is folded into the run that made it."""
+    runs = []
+    for metrics in sorted(root.rglob("metrics.jsonl")):
+        run_dir = metrics.parent
+        if run_dir.name == "base" and (run_dir.parent / "metrics.jsonl").is_file():
+            continue
+        records = [r for r in read_metrics(metrics) if r.get("eval/bpb") is not None]
+        base = run_dir / "base" / "metrics.jsonl"
+        if base.is_file():
+            records = [r for r in read_metrics(base) if r.get("eval/bpb") is not None] + records
+        if records:
+            records.sort(key=lambda r: r.get("tokens/data") or 0)
+            runs.append(Run(str(run_dir.relative_to(root)) if run_dir != root else run_dir.name, run_dir, records))
+    return runs
+
+
+def tokens_to_reach(run: Run, target_bpb: float) -> float | None:
+    """Data tokens at which the run's held-out bpb first reaches target (interpolated between
+    evaluations, linearly in log tokens); None if it never does."""
+    xs, ys = run.curve("tokens/data", "eval/bpb")
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if y <= target_bpb:
+            if i == 0 or ys[i - 1] == y:
+                return x
+            f = (ys[i - 1] - target_bpb) / (ys[i - 1] - y)
+            return math.exp(math.log(xs[i - 1]) + f * (math.log(x) - math.log(xs[i - 1])))
+    return None
+
+
+def plot(runs: list[Run], x: str, y: str, path: Path) -> bool:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    drawn = False
+    for run in runs:
+        xs, ys = run.curve(x, y)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.8, label=run.name)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xscale("log")
+    ax.set_title(f"{QUALITY[y].split(' (')[0]} vs {AXES[x].split(' (')[0]}", fontsize=10)
+    ax.set_xlabel(AXES[x])
+    ax.set_ylabel(QUALITY[y])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def efficiency_table(runs: list[Run], baseline: str) -> tuple[list[dict], float | None]:
+    base = next((r for r in runs if r.name == baseline or r.path.name == baseline), None)
+    if base is None:
+        return [], None
+    target = base.points[-1]["eval/bpb"]
+    base_tokens = tokens_to_reach(base, target)
+    rows = []
+    for run in runs:
+        reached = tokens_to_reach(run, target)
+        last = run.points[-1]
+        rows.append({
+            "run": run.name, "final_bpb": last["eval/bpb"], "final_task_acc": last.get("eval/task_acc"),
+            "data_tokens": last.get("tokens/data"), "thought_tokens": last.get("tokens/thought", 0),
+            "flops": last.get("flops/total"), "tokens_to_target": reached,
+            "efficiency": (base_tokens / reached) if reached and base_tokens else None,
+        })
+    return rows, target
+
+
+def _fmt(v, spec=",.0f", none="—"):
+    return none if v is None else format(v, spec)
+
+
+def write_html(runs: list[Run], rows: list[dict], target: float | None, baseline: str, pngs: list[Path], out: Path) -> Path:
+    images = "\n".join(
+        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f"<figcaption>{html.escape(p.stem.replace('__', ' vs ').replace('_', ' '))}</figcaption></figure>"
+        for p in pngs)
+    table = ""
+    if rows:
+        head = ("<tr><th>run</th><th>final bpb</th><th>final task acc</th><th>data tokens</th><th>thought tokens</th>"
+                f"<th>FLOPs</th><th>data tokens to reach {baseline}'s final bpb ({target:.4f})</th>"
+                "<th>data efficiency vs baseline</th></tr>")
+        body = "\n".join(
+            f"<tr><td>{html.escape(r['run'])}</td><td>{r['final_bpb']:.4f}</td><td>{_fmt(r['final_task_acc'], '.3f')}</td>"
+            f"<td>{_fmt(r['data_tokens'])}</td><td>{_fmt(r['thought_tokens'])}</td><td>{_fmt(r['flops'], '.3g')}</td>"
+            f"<td>{_fmt(r['tokens_to_target'], ',.0f', 'not reached')}</td><td>{_fmt(r['efficiency'], '.2f')}{'×' if r['efficiency'] else ''}</td></tr>"
+            for r in rows)
+        table = f"<table>{head}{body}</table>"
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Ponder: data efficiency</title>
+<style>body{{font-family:sans-serif;margin:24px;color:#222}}figure{{display:inline-block;width:46%;margin:8px}}
+img{{width:100%}}
+table{{border-collapse:collapse;margin-top:12px}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}</style></head>
+<body><h1>Data efficiency</h1>
+<p>Held-out quality on original documents against the corpus tokens each run trained on (thinking
+tokens, generated or appended, are counted apart) and against training FLOPs. {len(runs)} runs.</p>
+{table}
+{images}
+</body></html>
+"""
+    path = out / "index.html"
+    path.write_text(page)
+    return path
+
+
+def log_to_wandb(runs: list[Run], mode: str, out: Path) -> None:
+    import wandb
+
+    run = wandb.init(project="ponder", name="data-efficiency", dir=str(out), mode=mode, job_type="report")
+    for y in QUALITY:
+        for x in AXES:
+            xs_list, ys_list, keys = [], [], []
+            for r in runs:
+                xs, ys = r.curve(x, y)
+                if xs:
+                    xs_list.append(xs)
+                    ys_list.append(ys)
+                    keys.append(r.name)
+            if keys:
+                # line_series wants one shared x; log each run's curve as its own table instead.
+                for name, xs, ys in zip(keys, xs_list, ys_list):
+                    table = wandb.Table(data=list(zip(xs, ys)), columns=[x, y])
+                    run.log({f"report/{y}__{x}/{name}": wandb.plot.line(table, x, y, title=f"{name}: {y} vs {x}")})
+    run.finish()
+
+
+def main(argv: list[str]) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", type=Path, help="a folder of runs (searched recursively for metrics.jsonl)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <runs>/report)")
+    p.add_argument("--baseline", default="ntp_plain", help="the run whose final quality sets the target")
+    p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
+    args = p.parse_args(argv)
+    if not args.runs.is_dir():
+        raise SystemExit(f"report: {args.runs} is not a folder of runs")
+    runs = find_runs(args.runs)
+    if not runs:
+        raise SystemExit(f"report: no metrics.jsonl with evaluations under {args.runs}")
+    out = args.out or args.runs / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = []
+    for y in QUALITY:
+        for x in AXES:
+            path = out / f"{y.split('/')[1]}__{x.split('/')[0]}.png"
+            if plot(runs, x, y, path):
+                pngs.append(path)
+    rows, target = efficiency_table(runs, args.baseline)
+    page = write_html(runs, rows, target, args.baseline, pngs, out)
+    if args.wandb != "disabled":
+        log_to_wandb(runs, args.wandb, out)
+    for r in rows:
+        print(f"{r['run']:>12}: final bpb {r['final_bpb']:.4f}, data tokens to reach {args.baseline}'s final bpb: "
+              f"{_fmt(r['tokens_to_target'], ',.0f', 'not reached')} ({_fmt(r['efficiency'], '.2f')}{'x' if r['efficiency'] else ''})")
+    print(f"dashboard: {page} (and {len(pngs)} PNGs beside it)")
+    return page
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,332 @@
+"""Ponder's Triton kernels against their torch references, on CPU through the Triton interpreter.
+
+Every op is checked on fresh random inputs at three orders: the output, the first derivatives
+(against torch autograd of the reference) and the second derivatives (a random linear function
+of the first derivatives, built with create_graph=True, differentiated again). Errors are
+relative, rel = ‖out - ref‖ / ‖ref‖, with the tolerance written beside each dtype. Every buffer a
+kernel should fill starts as NaN, so an element it skips fails the test. Shapes are small and
+tiles big (the interpreter's cost is programs × loop iterations), except where a test sets small
+tiles to cross tile edges on purpose. `pytest -s` prints every measured error.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: kernels run on CPU through NumPy
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from kernels import backend, resolve_backend  # noqa: E402
+from kernels import triton_utils  # noqa: E402
+from kernels.attention import sliding_window_attention_reference  # noqa: E402
+from kernels.linear_ce import linear_cross_entropy as linear_ce_reference  # noqa: E402
+from kernels.swiglu import swiglu as swiglu_reference  # noqa: E402
+from kernels.triton_attention import sliding_window_attention  # noqa: E402
+from kernels.triton_bmm import bmm  # noqa: E402
+from kernels.triton_linear_ce import linear_cross_entropy  # noqa: E402
+from kernels.triton_sgd import clipped_sgd_step  # noqa: E402
+from kernels.triton_swiglu import swiglu  # noqa: E402
+from models import PonderConfig, PonderForCausalLM  # noqa: E402
+from models.ttt import clip_by_global_norm  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+
+# Relative-error tolerances. float32 second derivatives sum many products of first-order terms,
+# so they get a wider bound than the outputs.
+TOL = {torch.float32: (1e-5, 2e-5, 5e-5), torch.float64: (1e-12, 1e-12, 1e-11)}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(triton_utils, "POISON_OUTPUTS", True)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    denom = ref.norm()
+    return float((out - ref).norm() / denom) if denom > 0 else float(out.norm())
+
+
+def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert out.shape == ref.shape, (name, out.shape, ref.shape)
+    rel = rel_err(out, ref)
+    print(f"{name:<48} rel {rel:.1e}  (tol {tol:.0e})")
+    assert rel < tol, f"{name}: relative error {rel:.3e} >= {tol:.0e}"
+
+
+def check_three_orders(name, fn, ref_fn, inputs, dtype, order3=False):
+    """fn(*inputs) against ref_fn(*inputs): output, gradients, and gradients of gradients."""
+    tol_out, tol_d1, tol_d2 = TOL[dtype]
+    out, ref = fn(*inputs), ref_fn(*inputs)
+    assert_close(f"{name} [{dtype}] out", out, ref, tol_out)
+
+    cot = torch.randn_like(ref)
+    d1 = torch.autograd.grad(out, inputs, cot, create_graph=True, materialize_grads=True)
+    d1_ref = torch.autograd.grad(ref, inputs, cot, create_graph=True, materialize_grads=True)
+    for i, (a, b) in enumerate(zip(d1, d1_ref)):
+        assert_close(f"{name} [{dtype}] d/d input{i}", a, b, tol_d1)
+
+    cots = [torch.randn_like(g) for g in d1_ref]
+    inner = [(a * c).sum() for a, c in zip(d1, cots) if a.requires_grad]
+    inner_ref = [(b * c).sum() for b, c in zip(d1_ref, cots) if b.requires_grad]
+    assert len(inner) == len(inner_ref) and inner, "no first derivative depends on the inputs"
+    d2 = torch.autograd.grad(sum(inner), inputs, materialize_grads=True)
+    d2_ref = torch.autograd.grad(sum(inner_ref), inputs, materialize_grads=True)
+    for i, (a, b) in enumerate(zip(d2, d2_ref)):
+        assert_close(f"{name} [{dtype}] d2/d input{i}", a, b, tol_d2)
+
+
+def leaf(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=dtype) * scale).requires_grad_()
+
+
+# ----------------------------------------------------------------------------- batched matmul
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_bmm_transposed_and_broadcast_operands(dtype):
+    torch.manual_seed(0)
+    a, w = leaf(3, 20, 24, dtype=dtype), leaf(18, 24, dtype=dtype)
+    # b = wᵀ shared by the batch: a transposed, stride-0-batch operand, as the fast weights' W_0.
+
+    def run(op):
+        return lambda a, w: op(a, w.t().unsqueeze(0).expand(3, 24, 18))
+
+    check_three_orders("bmm", run(bmm), run(torch.bmm), (a, w), dtype)
+
+
+# ----------------------------------------------------------------------------- SwiGLU
+
+
+def fast_weights(B, d, inner, dtype, shared):
+    shapes = [(inner, d), (d, inner), (inner, d)]
+    return [leaf(*s, dtype=dtype, scale=0.3) if shared else leaf(B, *s, dtype=dtype, scale=0.3) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_swiglu_per_sequence_weights(dtype):
+    torch.manual_seed(1)
+    x, (w1, w2, w3) = leaf(2, 10, 24, dtype=dtype), fast_weights(2, 24, 40, dtype, shared=False)
+    check_three_orders("swiglu per-sequence", swiglu, swiglu_reference, (x, w1, w2, w3), dtype)
+
+
+@pytest.mark.parametrize("weights", ["shared [I, d]", "broadcast W_0 [B, I, d]"])
+def test_swiglu_shared_weights(weights):
+    torch.manual_seed(2)
+    dtype = torch.float32
+    x, ws = leaf(2, 10, 24, dtype=dtype), fast_weights(2, 24, 40, dtype, shared=True)
+
+    def run(op):
+        if weights.startswith("shared"):
+            return op
+        return lambda x, *ws: op(x, *(w.unsqueeze(0).expand(2, *w.shape) for w in ws))
+
+    check_three_orders(f"swiglu {weights}", run(swiglu), run(swiglu_reference), (x, *ws), dtype)
+
+
+def test_swiglu_third_derivative():
+    """The gate's third derivative runs through torch ops; it must still be right."""
+    torch.manual_seed(3)
+    dtype = torch.float64
+    x, (w1, w2, w3) = leaf(2, 6, 16, dtype=dtype), fast_weights(2, 16, 24, dtype, shared=False)
+    c1, c2 = torch.randn(2, 6, 16, dtype=dtype), torch.randn(2, 6, 16, dtype=dtype)
+
+    def third(op):
+        (gx,) = torch.autograd.grad((op(x, w1, w2, w3) * c1).sum(), x, create_graph=True)
+        (gxx,) = torch.autograd.grad((gx * c2).sum(), x, create_graph=True)
+        return torch.autograd.grad((gxx * gxx).sum(), (x, w1))
+
+    for i, (a, b) in enumerate(zip(third(swiglu), third(swiglu_reference))):
+        assert_close(f"swiglu [{dtype}] d3/d input{i}", a, b, 1e-11)
+
+
+# ----------------------------------------------------------------------------- clipped SGD step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_clipped_sgd_step(dtype):
+    """Rows whose joint norm is above, and below, the clip; W_0 broadcast, later weights per sequence."""
+    torch.manual_seed(4)
+    B, lr, max_norm = 3, 0.7, 1.0
+    row_scale = torch.tensor([0.02, 1.0, 3.0], dtype=dtype).view(B, 1, 1)  # norms ~0.3, ~14, ~40
+    w0, w1 = leaf(5, 7, dtype=dtype), leaf(B, 7, 9, dtype=dtype)
+    g0 = (torch.randn(B, 5, 7, dtype=dtype) * row_scale).requires_grad_()
+    g1 = (torch.randn(B, 7, 9, dtype=dtype) * row_scale).requires_grad_()
+
+    def triton_step(w0, w1, g0, g1):
+        return torch.cat([t.flatten(1) for t in clipped_sgd_step([w0.expand(B, 5, 7), w1], [g0, g1], lr, max_norm)], 1)
+
+    def torch_step(w0, w1, g0, g1):
+        grads = clip_by_global_norm([g0, g1], max_norm)
+        return torch.cat([(w - lr * g).flatten(1) for w, g in zip([w0.expand(B, 5, 7), w1], grads)], 1)
+
+    check_three_orders("clip + sgd update", triton_step, torch_step, (w0, w1, g0, g1), dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+ATTENTION_CASES = {
+    # name: (B, H, Tq, Tk, D, window, (BLOCK_M, BLOCK_N) or None for the default tiles)
+    "causal, one tile": (2, 2, 20, 20, 16, None, None),
+    "window 7 across 16-tiles": (1, 2, 40, 40, 16, 7, (16, 16)),
+    "cached keys: Tq 24 of Tk 50, window 13": (2, 1, 24, 50, 16, 13, (16, 16)),
+    "window past the keys = causal": (1, 1, 30, 30, 16, 64, (16, 16)),
+    "head dim 24, window 2, 16x32 tiles": (1, 1, 33, 33, 24, 2, (16, 32)),
+}
+
+
+@pytest.mark.parametrize("dtype,case", [pytest.param(torch.float32, c, id=f"float32-{c}") for c in ATTENTION_CASES]
+                         + [pytest.param(torch.float64, c, id=f"float64-{c}") for c in list(ATTENTION_CASES)[1:3]])
+def test_sliding_window_attention(dtype, case):
+    B, H, Tq, Tk, D, window, blocks = ATTENTION_CASES[case]
+    torch.manual_seed(5)
+    q, k, v = leaf(B, H, Tq, D, dtype=dtype), leaf(B, H, Tk, D, dtype=dtype), leaf(B, H, Tk, D, dtype=dtype)
+    check_three_orders(
+        f"attention {case}",
+        lambda q, k, v: sliding_window_attention(q, k, v, window, blocks=blocks),
+        lambda q, k, v: sliding_window_attention_reference(q, k, v, window),
+        (q, k, v), dtype,
+    )
+
+
+def test_attention_transposed_inputs_match():
+    """The model hands over q, k, v as transposed views [B, T, H, D] -> [B, H, T, D]."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 12, 2, 16)
+    q = k = v = x.transpose(1, 2)
+    assert_close("attention on strided views", sliding_window_attention(q, k, v, 5),
+                 sliding_window_attention_reference(q, k, v, 5), 1e-5)
+
+
+def largest_saved_tensor(fn) -> int:
+    """Elements of the largest tensor autograd keeps for the backward while fn runs."""
+    sizes = [0]
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return max(sizes)
+
+
+def test_attention_graph_keeps_no_score_matrix():
+    """Through the first backward with create_graph (what the inner loop builds), the graph keeps
+    tensors of q's size at most; the materialised reference keeps [Tq, Tk] scores."""
+    torch.manual_seed(9)
+    B, H, T, D, window = 1, 2, 64, 16, 8
+    q, k, v = (leaf(B, H, T, D, dtype=torch.float32) for _ in range(3))
+
+    def first_backward(op):
+        return lambda: torch.autograd.grad(op(q, k, v, window).sum(), (q, k, v), create_graph=True)
+
+    assert largest_saved_tensor(first_backward(sliding_window_attention)) <= B * H * T * D
+    assert largest_saved_tensor(first_backward(sliding_window_attention_reference)) >= B * H * T * T
+
+
+def test_linear_cross_entropy_graph_keeps_no_logits():
+    torch.manual_seed(10)
+    N, d, V = 32, 16, 100
+    h, w, targets = leaf(N, d, dtype=torch.float32), leaf(V, d, dtype=torch.float32), torch.randint(0, V, (N,))
+
+    def first_backward(op):
+        return lambda: torch.autograd.grad(op(h, w, targets).sum(), (h, w), create_graph=True)
+
+    assert largest_saved_tensor(first_backward(lambda h, w, t: linear_cross_entropy(h, w, t, 8))) < N * V
+    assert largest_saved_tensor(first_backward(linear_ce_reference)) >= N * V
+
+
+# ----------------------------------------------------------------------------- LM head + CE
+
+CE_CASES = {"one chunk": (12, 16, 61, None), "chunks of 7 rows": (30, 24, 100, 7)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", list(CE_CASES))
+def test_linear_cross_entropy(dtype, case):
+    N, d, V, chunk_rows = CE_CASES[case]
+    torch.manual_seed(7)
+    h, w = leaf(N, d, dtype=dtype), leaf(V, d, dtype=dtype)
+    g = torch.rand(N, dtype=dtype).requires_grad_()  # per-row weights: the derivatives reach them too
+    targets = torch.randint(0, V, (N,))
+    targets[::4] = -100
+    check_three_orders(
+        f"linear CE {case}",
+        lambda h, w, g: linear_cross_entropy(h, w, targets, chunk_rows) * g,
+        lambda h, w, g: linear_ce_reference(h, w, targets).to(dtype) * g,
+        (h, w, g), dtype,
+    )
+
+
+# ----------------------------------------------------------------------------- wiring
+
+
+def tiny_ttt(kernels, dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = PonderConfig(vocab_size=61, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                       mode="ttt_e2e", sliding_window=6, mini_batch_size=4, suffix_len=2, kernels=kernels)
+    model = PonderForCausalLM(cfg).to(dtype)
+    model.inner_lr = 0.5
+    return model
+
+
+def test_ttt_model_triton_matches_torch_with_meta_gradient():
+    """Loss, logits and the second-order meta-gradient of every parameter: kernels triton vs torch."""
+    torch.manual_seed(8)
+    x = torch.randint(0, 61, (2, 13))  # chunks of 4: three inner updates, the window cut at 6
+    y = torch.cat([x[:, 1:], torch.randint(0, 61, (2, 1))], 1)
+    y[0, 5] = -100
+    runs = {}
+    for kernels in ("torch", "triton"):
+        model = tiny_ttt(kernels)
+        out = model(x, targets=y)
+        out.loss.backward()
+        runs[kernels] = out, {n: p.grad for n, p in model.named_parameters()}
+    (out_t, grads_t), (out_r, grads_r) = runs["triton"], runs["torch"]
+    assert_close("ttt model loss", out_t.loss, out_r.loss, 1e-6)
+    assert_close("ttt model logits", out_t.logits, out_r.logits, 1e-5)
+    assert all(g is not None for g in grads_r.values())
+    flat_t = torch.cat([grads_t[n].flatten() for n in grads_r])
+    flat_r = torch.cat([g.flatten() for g in grads_r.values()])
+    assert_close("ttt meta-gradient, all parameters", flat_t, flat_r, 1e-5)
+    for name in ("blocks.3.fast_mlp.f.w1.weight", "blocks.2.fast_mlp.f.w2.weight", "blocks.0.attn.f.wq.weight",
+                 "embed.weight"):
+        assert_close(f"ttt meta-gradient {name}", grads_t[name], grads_r[name], 1e-4)
+
+
+def test_kernels_setting_is_validated_and_resolved():
+    with pytest.raises(ValueError, match="kernels"):
+        PonderConfig(kernels="cuda")
+    assert PonderConfig().kernels == "auto"
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("torch", "cpu") == "torch"
+    assert resolve_backend("triton", "cpu") == "triton"  # the interpreter is on in this module
+    assert backend.interpreting()
+
+
+def test_default_cpu_path_loads_no_triton_kernel():
+    """`import kernels` imports no Triton, and a TTT-E2E model on CPU with the default setting runs
+    the torch path without loading any Triton kernel module (so nothing can launch)."""
+    code = """
+import sys
+import kernels
+assert "triton" not in sys.modules, "import kernels imported triton"
+import torch, models
+m = models.PonderForCausalLM(models.PonderConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4,
+    num_attention_heads=2, intermediate_size=48, mode="ttt_e2e", mini_batch_size=4, sliding_window=8))
+x = torch.randint(0, 50, (1, 9))
+m(x, targets=x).loss.backward()
+loaded = sorted(n for n in sys.modules if n.startswith("kernels.triton"))
+assert not loaded, loaded
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

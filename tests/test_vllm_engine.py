@@ -229,7 +229,8 @@ def test_two_rlp_steps_on_ray_with_a_vllm_worker(ray_cluster, base, tok, tmp_pat
     tok.save_pretrained(tok_dir)
     cfg = load_config(RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml",
                       ["rlp.group_size=3", "rlp.thought_max_tokens=5", "rlp.min_context=8", "data.seq_len=24",
-                       "optim.warmup_steps=0", "optim.lr=1e-2", "train.steps=10", "rollout.engine=vllm"])
+                       "optim.warmup_steps=0", "optim.lr=1e-2", "train.steps=10", "rollout.engine=vllm",
+                       f"base={model_dir}"])
     learner = ray.remote(Learner).options(num_cpus=1).remote(
         cfg, str(model_dir), str(tmp_path / "run"), torch.randint(5, len(tok), (2, 25)),
         torch.ones(len(tok), dtype=torch.long), tok.convert_tokens_to_ids("<think>"), tok.pad_token_id)

@@ -115,14 +115,6 @@ def test_unknown_reward_fails_at_start_listing_the_registered_ones():
         load_config(RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", ["reward=nope"])
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(CONFIG_DIR.parent)}})
-    yield ray
-    ray.shutdown()
-
-
 def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
     ray = ray_cluster
     from pipelines.rlp_midtrain import sync_weights

@@ -209,14 +209,6 @@ def test_a_ponder_model_is_refused_naming_the_torch_engine(tmp_path):
         VLLMEngine(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(CONFIG_DIR.parent)}})
-    yield ray
-    ray.shutdown()
-
-
 @needs_vllm
 def test_two_rlp_steps_on_ray_with_a_vllm_worker(ray_cluster, base, tok, tmp_path):
     ray = ray_cluster

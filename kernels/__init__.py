@@ -25,7 +25,7 @@ from kernels.swiglu import swiglu
 __all__ = [
     "BACKENDS", "check_backend", "resolve_backend", "triton_available",
     "sliding_window_attention", "swiglu",
-    "twice_differentiable_attention", "fast_swiglu", "clipped_sgd_step", "linear_cross_entropy",
+    "twice_differentiable_attention", "fast_swiglu", "clipped_sgd_step", "clip_scale", "linear_cross_entropy",
 ]
 
 
@@ -45,6 +45,16 @@ def fast_swiglu(x, w1, w2, w3, backend: str = "auto"):
 
         return triton_swiglu(x, w1, w2, w3)
     return swiglu(x, w1, w2, w3)
+
+
+def clip_scale(sq_norm, max_norm: float, eps: float = 1e-6):
+    """min(1, max_norm / (‖g‖ + eps)) per sequence from squared norms [B]. A zero gradient (a chunk
+    whose every target is masked) gets scale 1 with a finite gradient: sqrt's derivative at 0 is
+    infinite and would turn the second-order meta-gradient into NaN."""
+    import torch
+
+    norm = torch.where(sq_norm > 0, sq_norm, torch.ones_like(sq_norm)).sqrt()
+    return torch.where(sq_norm > 0, (max_norm / (norm + eps)).clamp(max=1.0), torch.ones_like(norm))
 
 
 def clipped_sgd_step(weights, grads, lr: float, max_norm: float):

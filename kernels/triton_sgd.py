@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import clip_scale
 from kernels.backend import interpreting
 from kernels.triton_utils import acc_dtype, block_size, empty, unit_stride_rows
 
@@ -144,6 +145,6 @@ def clipped_sgd_step(weights: list[torch.Tensor], grads: list[torch.Tensor], lr:
                      eps: float = 1e-6) -> list[torch.Tensor]:
     """w - lr · clip(g), the clip to global norm max_norm taken per sequence over all tensors."""
     sq = squared_norms(grads)
-    scale = (max_norm / (sq.sqrt() + eps)).clamp(max=1.0)
+    scale = clip_scale(sq, max_norm, eps)
     step = (-lr * scale).to(grads[0].dtype)
     return [RowAxpyFunction.apply(w.to(g.dtype), step, g) for w, g in zip(weights, grads)]

@@ -37,6 +37,7 @@ class PonderConfig(PretrainedConfig):
         ttt_grad: str = "second_order",
         ttt_recompute: bool = False,
         ttt_update_during_decode: bool = True,
+        loss_average: str | None = None,
         kernels: str = "auto",
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
@@ -74,6 +75,12 @@ class PonderConfig(PretrainedConfig):
         self.ttt_grad = ttt_grad
         self.ttt_recompute = ttt_recompute
         self.ttt_update_during_decode = ttt_update_during_decode
+        # The training loss over a batch: "chunk" is TTT-E2E's (per sequence, the unweighted mean
+        # over chunks of mini_batch_size tokens of each chunk's masked mean; then over sequences),
+        # "token" the mean over every unmasked target. None: chunk for ttt_e2e, token otherwise.
+        if loss_average not in (None, "chunk", "token"):
+            raise ValueError(f"loss_average={loss_average!r}: must be 'chunk', 'token' or None")
+        self.loss_average = loss_average or ("chunk" if mode == "ttt_e2e" else "token")
         # Ops of TTT-E2E's suffix and inner loop (fast SwiGLU, twice-differentiable attention,
         # clipped update, head loss): "triton", "torch", or "auto" (Triton on CUDA, torch on CPU).
         self.kernels = check_backend(kernels)

@@ -3,7 +3,8 @@ sublayer (the post-norm is applied to the sublayer's output, before the residual
 RoPE, SwiGLU MLPs, tied embeddings, attention full or sliding-window.
 
     model = PonderForCausalLM(PonderConfig(...))
-    out = model(input_ids, targets=targets)     # out.logits [B, T, V], out.loss (mean CE)
+    out = model(input_ids, targets=targets)     # out.logits [B, T, V], out.loss (mean CE; per chunk
+                                                # with TTT-E2E, config.loss_average)
 
 `targets` are aligned with `input_ids` (targets[:, i] is the token after input_ids[:, i]), as
 in nanoGPT; -100 marks positions without a target.
@@ -29,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from kernels import fast_swiglu, sliding_window_attention, swiglu, twice_differentiable_attention
 from models.config import PonderConfig
 from models.state import DecodeState
-from models.ttt import ttt_forward, upcast
+from models.ttt import chunk_mean_loss, ttt_forward, upcast
 
 
 class RMSNorm(nn.Module):
@@ -198,15 +199,17 @@ class PonderForCausalLM(PonderPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 state: DecodeState | None = None, **_) -> CausalLMOutput:
+        start = state.pos if state is not None else 0
         if self.config.is_ttt:
             logits = ttt_forward(self, input_ids, targets, state)
         else:
-            start = state.pos if state is not None else 0
             logits = self.lm_head(self.run_blocks(self.blocks, self.embed(input_ids), start, state))
             if state is not None:
                 state.advance(input_ids, self.config.attention_window)
         loss = None
-        if targets is not None:
+        if targets is not None and self.config.loss_average == "chunk":
+            loss = chunk_mean_loss(logits, targets, self.config.mini_batch_size, start)
+        elif targets is not None:
             loss = F.cross_entropy(upcast(logits.flatten(0, 1)), targets.flatten(), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 

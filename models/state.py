@@ -4,7 +4,8 @@ kv[layer] holds the rotated keys and values a later token may attend to (the las
 them with sliding-window attention, so a decode step costs O(window) whatever the context).
 With TTT-E2E, `fast` holds every sequence's own fast weights (per suffix layer: w1, w2, w3 with
 a leading batch dimension) and `pending_*` the chunk read since the last inner update: its suffix
-inputs and token ids. The suffix layers keep their keys for that chunk beyond the window, so the
+inputs and the inner targets of its positions (-100: masked; UNKNOWN: the token after the last
+one read, filled in when it arrives). The suffix layers keep their keys for that chunk beyond the window, so the
 update can recompute the chunk exactly as it was first computed.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+UNKNOWN = -1  # an inner target not read yet
 
 
 @dataclass
@@ -23,11 +26,17 @@ class DecodeState:
     learn: bool = True  # False: fast weights stay as they are (a full pending chunk is dropped)
     chunk_start: int = 0  # position of the pending chunk's first token
     pending_h: torch.Tensor | None = None  # [B, n, d]
-    pending_ids: torch.Tensor | None = None  # [B, n]
+    pending_targets: torch.Tensor | None = None  # [B, n]
 
     @property
     def pending_len(self) -> int:
-        return 0 if self.pending_ids is None else self.pending_ids.shape[1]
+        return 0 if self.pending_targets is None else self.pending_targets.shape[1]
+
+    def resolve_pending_target(self, next_ids: torch.Tensor) -> None:
+        """The pending chunk's last target, if still unknown, is the first token of the next read."""
+        if self.pending_targets is not None:
+            last = self.pending_targets[:, -1:]
+            self.pending_targets = torch.cat([self.pending_targets[:, :-1], torch.where(last == UNKNOWN, next_ids, last)], 1)
 
     def trim(self, layers, keep: int | None) -> None:
         """Keep the last `keep` keys/values of `layers` (None: keep all)."""
@@ -53,5 +62,5 @@ class DecodeState:
             kv=[None if kv is None else (rep(kv[0]), rep(kv[1])) for kv in self.kv],
             fast=None if self.fast is None else [[rep(w) for w in layer] for layer in self.fast],
             pos=self.pos, learn=self.learn, chunk_start=self.chunk_start,
-            pending_h=rep(self.pending_h), pending_ids=rep(self.pending_ids),
+            pending_h=rep(self.pending_h), pending_targets=rep(self.pending_targets),
         )

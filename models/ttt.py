@@ -7,8 +7,8 @@ fast weights W_{i-1}, then
 
     W_i = W_{i-1} - η · clip_{global norm ≤ 1}(∇_W ℓ_i(W_{i-1}))
 
-where ℓ_i is the mean next-token loss of chunk i computed at the network's end (the rest of the
-suffix, final norm, tied head), and the clip is taken jointly over the fast weights of all suffix
+where ℓ_i is the masked mean next-token loss of chunk i computed at the network's end (the rest
+of the suffix, final norm, tied head), sum(nll · mask) / max(sum(mask), 1), and the clip is taken jointly over the fast weights of all suffix
 layers, separately for every sequence. With `ttt_grad="second_order"` the outer gradient flows
 through every update (gradients of gradients) to W_0 and to the slow weights; "first_order"
 treats each inner gradient as a constant.
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from kernels import clipped_sgd_step, linear_cross_entropy, resolve_backend
-from models.state import DecodeState
+from kernels import clip_scale, clipped_sgd_step, linear_cross_entropy, resolve_backend
+from models.state import UNKNOWN, DecodeState
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +39,21 @@ def per_sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     ce = F.cross_entropy(upcast(logits.flatten(0, 1)), targets.flatten(), ignore_index=-100, reduction="none")
     valid = (targets != -100).to(ce.dtype)
     return (ce.view(targets.shape) * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+def chunk_mean_loss(logits: torch.Tensor, targets: torch.Tensor, chunk: int, start: int = 0) -> torch.Tensor:
+    """TTT-E2E's outer loss: for every sequence the unweighted mean, over its chunks of `chunk`
+    tokens (aligned to absolute positions 0, chunk, ...; `start` is the first position's), of each
+    chunk's masked mean loss (a chunk with every target masked counts as 0); then the mean over
+    sequences. Equals the token mean only when nothing is masked and every chunk is full."""
+    B, T = targets.shape
+    ce = F.cross_entropy(upcast(logits.flatten(0, 1)), targets.flatten(), ignore_index=-100, reduction="none")
+    valid = (targets != -100).to(ce.dtype)
+    lead = start % chunk
+    n = -(-(lead + T) // chunk)
+    pad = (lead, n * chunk - lead - T)
+    ce, valid = F.pad(ce.view(B, T), pad).view(B, n, chunk), F.pad(valid, pad).view(B, n, chunk)
+    return ((ce * valid).sum(-1) / valid.sum(-1).clamp(min=1)).mean()
 
 
 def inner_loss(model, hidden: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -54,8 +69,7 @@ def inner_loss(model, hidden: torch.Tensor, logits: torch.Tensor, targets: torch
 
 def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
     """Scale every sequence's gradients (leading dim B) so their joint norm is at most max_norm."""
-    sq = sum(g.pow(2).flatten(1).sum(1) for g in grads)
-    scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    scale = clip_scale(sum(g.pow(2).flatten(1).sum(1) for g in grads), max_norm)
     return [g * scale.view(-1, *([1] * (g.dim() - 1))) for g in grads]
 
 
@@ -113,9 +127,11 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
     h = model.run_blocks(model.blocks[:P], model.embed(input_ids), start, state)
     state.trim(range(P), window)
 
-    # Next-token targets of every position; the last one only the caller can know.
-    last = targets[:, -1:] if targets is not None else torch.full_like(input_ids[:, :1], -100)
-    inner_targets = torch.cat([input_ids[:, 1:], last], dim=1)
+    # The inner loop's target of every position: the caller's (masks included), else the next
+    # input, the last of which arrives with the next call.
+    if targets is None:
+        targets = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], UNKNOWN)], dim=1)
+    state.resolve_pending_target(input_ids[:, :1])
 
     def step(h_chunk, chunk_start, past_kv, chunk_targets):
         """chunk_step, with the graph handling of training or of inference around it."""
@@ -135,27 +151,26 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
         if state.pending_len == b:
             # A chunk read piecewise (decoding) is complete and its last target has arrived:
             # recompute it with the weights that predicted it, and learn from it.
-            chunk_targets = torch.cat([state.pending_ids[:, 1:], input_ids[:, i : i + 1]], dim=1)
             if state.learn:
                 past = [(k[:, :, :-b], v[:, :, :-b]) for k, v in state.kv[P:]]
-                _, state.fast, _ = step(state.pending_h, state.chunk_start, past, chunk_targets)
+                _, state.fast, _ = step(state.pending_h, state.chunk_start, past, state.pending_targets)
             state.trim(range(P, L), window)
-            state.pending_h = state.pending_ids = None
+            state.pending_h = state.pending_targets = None
         if state.pending_len == 0:
             state.chunk_start = start + i
         j = min(T, i + b - state.pending_len)
-        if state.pending_len == 0 and j - i == b and (j < T or targets is not None):
+        if state.pending_len == 0 and j - i == b and not (targets[:, j - 1] == UNKNOWN).any():
             # A whole chunk whose last target is known: predict and learn from it in one go
             # (not the final chunk of a call nobody continues: those weights would go unused).
             learn = state.learn and (j < T or continued)
-            chunk_targets = inner_targets[:, i:j] if learn else None
+            chunk_targets = targets[:, i:j] if learn else None
             piece_logits, state.fast, kv = step(h[:, i:j], start + i, state.kv[P:], chunk_targets)
             state.kv[P:] = kv
             state.trim(range(P, L), window)
         else:
             piece_logits = model.lm_head(model.run_blocks(model.blocks[P:], h[:, i:j], start + i, state, P, state.fast))
             state.pending_h = _append(state.pending_h, h[:, i:j])
-            state.pending_ids = _append(state.pending_ids, input_ids[:, i:j])
+            state.pending_targets = _append(state.pending_targets, targets[:, i:j])
         logits.append(piece_logits)
         i = j
     state.pos = start + T

@@ -17,6 +17,7 @@ from training.data import (
     load_documents,
     pack_documents,
     split_documents,
+    split_window,
     tokenize_documents,
 )
 from training.tokenizer import train_tokenizer
@@ -238,3 +239,16 @@ def test_window_loader_epochs_and_options():
     assert torch.equal(plain.next_batch(), windows[:5]) and plain.state_dict() == {"epoch": 1, "cursor": 1}
     with pytest.raises(ValueError, match=r"batch_size=11.*10"):
         WindowLoader(windows, batch_size=11, seed=0)
+
+
+def test_split_window_masks_each_new_documents_first_target():
+    eos = 0
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12], [13]]
+    windows = pack_documents(docs, eos, 6)  # stream 5 6 7 0 8 9 0 10 11 12 0 13 0
+    inputs, targets = split_window(windows, eos)
+    plain_inputs, plain = split_window(windows)
+    assert torch.equal(inputs, plain_inputs) and torch.equal(plain, windows[:, 1:])
+    masked = plain[targets == -100].tolist()
+    assert sorted(masked) == [8, 10, 13]  # the first token of every document after the first
+    assert torch.equal(targets[targets != -100], plain[targets != -100])
+    assert (inputs[targets == -100] == eos).all()

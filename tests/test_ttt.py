@@ -21,12 +21,15 @@ def next_tokens(x):
     return torch.cat([x[:, 1:], torch.randint(0, V, (x.shape[0], 1))], 1)
 
 
-def test_meta_gradient_matches_finite_differences_float64():
+@pytest.mark.parametrize("masked", [False, True])
+def test_meta_gradient_matches_finite_differences_float64(masked):
     model = ttt_model(torch.float64)
     model.inner_lr = 0.5
     torch.manual_seed(1)
     x = torch.randint(0, V, (2, 14))  # chunks of 4: three inner updates reach the last chunk
     y = next_tokens(x)
+    if masked:  # a masked target mid-chunk, a whole masked chunk, and one in the partial last chunk
+        y[0, 1], y[1, 4:8], y[1, 12] = -100, -100, -100
 
     def loss():
         return model(x, targets=y).loss
@@ -199,3 +202,105 @@ def test_recompute_per_chunk_gives_the_same_gradients():
         model(x, targets=y).loss.backward()
         grads[recompute] = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-10, atol=1e-12)
+
+
+def test_masked_target_teaches_the_fast_weights_nothing():
+    """The target of chunk 1's last position is the first token of chunk 2. Masked, changing that
+    token (which chunk 1 does not read) changes neither chunk 1's loss nor its inner update."""
+    model = ttt_model(torch.float64).eval()
+    b = model.config.mini_batch_size
+    torch.manual_seed(4)
+    x = torch.randint(0, V, (2, 11))
+    z = x.clone()
+    z[:, b] = (z[:, b] + 1) % V
+
+    def after_chunk_1(ids, mask):
+        targets = next_tokens(ids)
+        if mask:
+            targets[:, b - 1] = -100
+        with torch.no_grad():
+            state = model.new_state(2)
+            logits = model(ids[:, : b + 1], targets=targets[:, : b + 1], state=state).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :b].flatten(0, 1), targets[:, :b].flatten(), ignore_index=-100)
+        return loss, [w for layer in state.fast for w in layer]
+
+    for mask in (True, False):
+        (loss_x, fast_x), (loss_z, fast_z) = after_chunk_1(x, mask), after_chunk_1(z, mask)
+        same = all(torch.equal(a, c) for a, c in zip(fast_x, fast_z))
+        if mask:
+            assert same and torch.equal(loss_x, loss_z)
+        else:  # the check can fail: unmasked, the same change does move W_1 and the loss
+            assert not same and not torch.equal(loss_x, loss_z)
+
+
+def test_chunk_mean_loss_matches_a_hand_written_reference():
+    from models.ttt import chunk_mean_loss
+
+    torch.manual_seed(5)
+    B, T, b = 3, 11, 4  # chunks [0, 4), [4, 8), [8, 11): the last one partial
+    logits = torch.randn(B, T, V, dtype=torch.float64)
+    targets = torch.randint(0, V, (B, T))
+    targets[0, 2], targets[1, 8:], targets[2, 9] = -100, -100, -100  # row 1's last chunk fully masked
+
+    def reference(first: int):
+        """Positions first..T-1, chunks cut at multiples of b."""
+        rows = []
+        for r in range(B):
+            bounds = [first] + list(range((first // b + 1) * b, T, b)) + [T]
+            chunk_losses = []
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                nll = [-torch.log_softmax(logits[r, t], -1)[targets[r, t]] for t in range(s, e) if targets[r, t] != -100]
+                chunk_losses.append(sum(nll) / len(nll) if nll else torch.tensor(0.0, dtype=torch.float64))
+            rows.append(sum(chunk_losses) / len(chunk_losses))
+        return sum(rows) / B
+
+    torch.testing.assert_close(chunk_mean_loss(logits, targets, b), reference(0), rtol=1e-12, atol=1e-12)
+    token_mean = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert abs(token_mean - reference(0)) > 1e-3  # the two averages really differ here
+    # Read from position 2 on (decoding): chunks stay aligned to absolute positions 0, 4, 8, ...
+    torch.testing.assert_close(chunk_mean_loss(logits[:, 2:], targets[:, 2:], b, start=2), reference(2),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_loss_average_follows_the_mode_unless_asked():
+    assert ttt_model().config.loss_average == "chunk"
+    assert ttt_model(mode="swa").config.loss_average == "token"
+    assert ttt_model(mode="full", loss_average="chunk").config.loss_average == "chunk"
+    x = torch.randint(0, V, (2, 14))
+    y = next_tokens(x)
+    y[0, 3] = -100
+    chunk, token = ttt_model(), ttt_model(loss_average="token")
+    with torch.no_grad():
+        a, c = chunk(x, targets=y), token(x, targets=y)
+    torch.testing.assert_close(a.logits, c.logits, rtol=0, atol=0)
+    ce = torch.nn.functional.cross_entropy(c.logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    torch.testing.assert_close(c.loss, ce)
+    assert abs(a.loss - c.loss) > 1e-6
+
+
+@pytest.mark.parametrize("pieces", [[1] * 23, [5, 1, 1, 7, 9], [8, 8, 7], [16, 7]])
+def test_decoding_with_masked_targets_matches_the_training_forward(pieces):
+    """A prompt read with masked targets (given per piece), then decoded on without targets."""
+    model = ttt_model().eval()
+    torch.manual_seed(6)
+    x = torch.randint(0, V, (2, 23))
+    y = next_tokens(x)
+    y[0, 3], y[1, 7], y[:, 10], y[1, 15] = -100, -100, -100, -100
+    prompt = 16  # pieces that end within the prompt carry targets; later ones read tokens only
+    read = next_tokens(x)  # what the pieces without targets learn from
+    with torch.no_grad():
+        state = model.new_state(2)
+        parts, i = [], 0
+        for n in pieces:
+            if i + n <= prompt:
+                parts.append(model(x[:, i : i + n], targets=y[:, i : i + n], state=state).logits)
+                read[:, i : i + n] = y[:, i : i + n]
+            else:
+                parts.append(model(x[:, i : i + n], state=state).logits)
+            i += n
+        full = model(x, targets=read).logits
+        unmasked = model(x, targets=next_tokens(x)).logits
+    stepped = torch.cat(parts, 1)
+    rel = (stepped - full).norm() / full.norm()
+    assert rel < 1e-5, rel
+    assert (unmasked - full).norm() / full.norm() > 1e-4  # the masks changed what was learned

@@ -109,6 +109,10 @@ class TTTConfig:
     # Recompute each chunk in the backward instead of keeping its activations: memory stops
     # growing with the number of chunks beyond the chain of fast weights.
     recompute: bool = False
+    # The training loss's average: chunk (TTT-E2E's official objective: per sequence, the mean
+    # over chunks of each chunk's masked mean) or token (over all unmasked targets).
+    # null: chunk with model.mode=ttt_e2e, token for full and swa.
+    loss_average: str | None = one_of(None, "chunk", "token")
 
 
 @dataclass
@@ -128,6 +132,10 @@ class DataConfig:
     # or what pipelines/tpt_augment.py wrote).
     augment: str = one_of("none", "none", "tpt")
     thinking_field: str = "solution"
+    # Mask the targets that begin a new document in a packed window (the token after each
+    # end-of-document separator), as TTT-E2E's official pipeline does: neither the loss nor the
+    # inner loop learns to guess a document's first token from the one before it.
+    mask_boundary_targets: bool = True
     cache_dir: str = ".cache/ponder"
 
     def validate(self) -> None:

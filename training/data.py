@@ -240,6 +240,16 @@ def pack_documents(token_lists: Iterable[list[int]], eos_id: int, seq_len: int) 
     return stream.unfold(0, seq_len + 1, seq_len).contiguous()
 
 
+def split_window(windows: torch.Tensor, boundary_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and aligned targets of [B, T+1] windows. Given `boundary_id` (the end-of-document
+    separator), the target after each separator, the first token of the next document, is
+    masked (-100): a packed window does not learn to guess it from the document before."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    if boundary_id is not None:
+        targets = targets.masked_fill(inputs == boundary_id, -100)
+    return inputs, targets
+
+
 class WindowLoader:
     """Endless batches of windows, reshuffled each epoch, resumable exactly from state_dict().
 

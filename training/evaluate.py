@@ -2,7 +2,10 @@
 
 bpb = (sum of next-token losses in nats) / (ln 2 · UTF-8 bytes those tokens stand for), over the
 targets that are text (special tokens such as the end-of-document separator stand for no bytes
-and are left out of both sums). Unlike loss per token, it compares across tokenizers.
+and are left out of both sums). Unlike loss per token, it compares across tokenizers. Every text
+target counts, a document's first token after the separator included, whether or not training
+masks it (data.mask_boundary_targets); the mask only keeps TTT-E2E's inner loop from learning
+from that target here, as in training.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from models.hf import is_ttt
+from training.data import split_window
+
 
 @torch.no_grad()
 def heldout_bpb(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_size: int = 16,
-                device: str | torch.device = "cpu", position_buckets: int = 8) -> dict:
+                device: str | torch.device = "cpu", position_buckets: int = 8, boundary_id: int | None = None) -> dict:
     """windows: [N, T+1] held-out token windows; token_bytes: [V] bytes per token id.
 
     Also eval/loss_by_position: the mean loss in `position_buckets` equal spans of the window,
@@ -29,8 +35,11 @@ def heldout_bpb(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_s
     token_bytes = token_bytes.to(device)
     for i in range(0, len(windows), batch_size):
         w = windows[i : i + batch_size].to(device)
-        logits = model(w[:, :-1]).logits
-        targets = w[:, 1:]
+        inputs, targets = w[:, :-1], w[:, 1:]
+        if is_ttt(model):  # the inner loop learns from the targets training would (boundaries masked)
+            logits = model(inputs, targets=split_window(w, boundary_id)[1]).logits
+        else:
+            logits = model(inputs).logits
         losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
         counts = token_bytes[targets.flatten()]
         is_text = counts > 0

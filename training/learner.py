@@ -21,6 +21,7 @@ import torch
 from models.hf import flops_per_token, is_ttt, next_token_loss
 from rollout.worker import Rollouts
 from training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.data import split_window
 from training.evaluate import heldout_bpb
 from training.losses import rlp_policy_loss, thought_batch
 from training.trainer import build_optimizer, warmup_cosine
@@ -42,6 +43,8 @@ class Learner:
         self.heldout_windows = heldout_windows[: cfg.train.eval_windows]
         self.token_bytes, self.think_open, self.pad_id = token_bytes, think_open, pad_id
         self.is_ttt = is_ttt(self.model)  # a Ponder TTT-E2E model; Hugging Face causal LMs train too
+        eos = self.model.config.eos_token_id  # the corpus's separator (a list in some HF configs)
+        self.boundary_id = (eos[0] if isinstance(eos, list) else eos) if cfg.data.mask_boundary_targets else None
         self.version = 0  # optimiser steps taken = the policy version
         self.counters = {"tokens/data": 0, "tokens/thought": 0, "flops/total": 0.0, "rollouts/dropped_stale": 0,
                          "rollouts/dropped_reward": 0, "train/skipped_steps": 0, **(initial_counters or {})}
@@ -69,7 +72,7 @@ class Learner:
         windows = windows.to(self.device)
         loss = torch.zeros((), device=self.device)
         if rlp.ttt_weight > 0:
-            ntp = next_token_loss(self.model, windows[:, :-1], windows[:, 1:])
+            ntp = next_token_loss(self.model, *split_window(windows, self.boundary_id))
             loss = loss + rlp.ttt_weight * ntp
             metrics["train/loss_ntp"] = ntp.item()
         thought_seq_tokens = 0
@@ -130,7 +133,8 @@ class Learner:
         return cpu(self.model), cpu(self.ema), self.version
 
     def evaluate(self) -> dict:
-        metrics = heldout_bpb(self.model, self.heldout_windows, self.token_bytes, self.cfg.train.batch_size, self.device)
+        metrics = heldout_bpb(self.model, self.heldout_windows, self.token_bytes, self.cfg.train.batch_size, self.device,
+                              boundary_id=self.boundary_id)
         if self.task_eval is not None:
             metrics.update(self.task_eval(self.model))
         return {**metrics, **self.counters}

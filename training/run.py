@@ -53,7 +53,8 @@ def build_model(cfg: ModelConfig, tokenizer, ttt: TTTConfig | None = None) -> Po
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "name"}
     ttt = ttt or TTTConfig()
     fields.update(ttt_grad=ttt.grad, ttt_inner_lr=ttt.inner_lr, ttt_clip=ttt.clip,
-                  ttt_update_during_decode=ttt.update_during_decode, ttt_recompute=ttt.recompute)
+                  ttt_update_during_decode=ttt.update_during_decode, ttt_recompute=ttt.recompute,
+                  loss_average=ttt.loss_average)
     fields["vocab_size"] = fields["vocab_size"] or len(tokenizer)
     if fields["vocab_size"] < len(tokenizer):
         raise ConfigError(f"model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's {len(tokenizer)}")

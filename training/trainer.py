@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import OptimConfig, PretrainConfig
-from training.data import PreparedData, WindowLoader
+from training.data import PreparedData, WindowLoader, split_window
 from training.evaluate import TaskAccuracy, heldout_bpb
 from training.metrics import MetricsLogger
 from training.run import build_model
@@ -42,13 +42,18 @@ def warmup_cosine(step: int, *, lr: float, end_lr: float, warmup_steps: int, tot
 
 
 def inner_loss_first_last(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> dict[str, float]:
-    """Mean loss of the first chunk (predicted by W_0) and of the last full one (by the most
-    adapted fast weights): their gap is what the inner loop gains within a window."""
+    """Masked mean loss of the first chunk (predicted by W_0) and of the last full one (by the
+    most adapted fast weights): their gap is what the inner loop gains within a window."""
     with torch.no_grad():
-        tok = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
-        n_full = targets.shape[1] // chunk
-        last = (n_full - 1) * chunk
-        return {"ttt/inner_loss_first": tok[:, :chunk].mean().item(), "ttt/inner_loss_last": tok[:, last:last + chunk].mean().item()}
+        tok = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                              reduction="none").view(targets.shape)
+        valid = (targets != -100).float()
+        last = (targets.shape[1] // chunk - 1) * chunk
+
+        def mean(span: slice) -> float:
+            return ((tok[:, span] * valid[:, span]).sum() / valid[:, span].sum().clamp(min=1)).item()
+
+        return {"ttt/inner_loss_first": mean(slice(0, chunk)), "ttt/inner_loss_last": mean(slice(last, last + chunk))}
 
 
 @contextmanager
@@ -76,6 +81,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.flops_per_token = model.flops_per_token(loader.seq_len)
         self.is_ttt = model.config.is_ttt
+        self.boundary_id = model.config.eos_token_id if cfg.data.mask_boundary_targets else None
         if self.is_ttt:
             self.model.inner_lr = self.inner_lr_at(0)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
@@ -101,11 +107,12 @@ class Trainer:
         extra = {}
         if self.is_ttt:
             self.model.inner_lr = extra["ttt/ilr"] = self.inner_lr_at(self.step)
+        inputs, targets = split_window(batch, self.boundary_id)
         with self.autocast:
-            out = self.model(batch[:, :-1], targets=batch[:, 1:])
+            out = self.model(inputs, targets=targets)
         loss = out.loss
         if self.is_ttt:
-            extra.update(inner_loss_first_last(out.logits.detach(), batch[:, 1:], self.model.config.mini_batch_size))
+            extra.update(inner_loss_first_last(out.logits.detach(), targets, self.model.config.mini_batch_size))
         self.tokens_data += batch[:, 1:].numel() - thought_tokens
         self.tokens_thought += thought_tokens
         if not torch.isfinite(loss):
@@ -127,7 +134,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         with self.autocast:
-            metrics = heldout_bpb(self.model, self.heldout_windows, self.token_bytes, self.cfg.train.batch_size, self.device)
+            metrics = heldout_bpb(self.model, self.heldout_windows, self.token_bytes, self.cfg.train.batch_size, self.device,
+                                  boundary_id=self.boundary_id)
             if self.task_eval is not None:
                 metrics.update(self.task_eval(self.model))
         return metrics

@@ -1,18 +1,22 @@
 """Data efficiency, measured: several methods trained on the same corpus, seed, tokenizer and
-data-token budget, each a run of its own pipeline, evaluated on the same held-out documents.
+data-token budget, each a run of its own pipeline, evaluated on the same held-out documents and
+problems (with and without a thought).
 
-    python pipelines/compare.py                                   # ntp_plain, ntp_ttt, tpt, rlp (CPU)
-    python pipelines/compare.py methods=[ntp_plain,rlp] budget_tokens=1000000 model=125m
+    python pipelines/compare.py                                   # every method below (CPU)
+    python pipelines/compare.py methods=[cpt,rlp] rlp.group_size=8 rlp.position_sampling=entropy
     python pipelines/report.py runs/compare                       # the dashboard
 
-Methods:
+Methods, from scratch on the whole budget:
   ntp_plain  next-token pretraining of the plain transformer (full attention)
   ntp_ttt    next-token pretraining of TTT-E2E (meta-learning)
-  tpt        TTT-E2E on thinking-augmented documents [d ; <think> t </think>], t the worked solution
-             the embedded corpus carries (its thinking tokens are counted apart, not as data)
-  rlp        TTT-E2E pretrained on (1 - rlp_fraction) of the budget, then RLP on the rest
-Every run logs tokens/data, tokens/thought and flops/total at each evaluation; runs land in
-<out_dir>/<method>/.
+  tpt        TTT-E2E on thinking-augmented documents [d ; <think> t </think>] (thinking counted apart)
+RLP's comparison (methods.md §1): one base per backbone, made once per compare on (1 - rlp_fraction)
+of the budget with worked solutions as thoughts (data.augment=think, so it can think), then from
+that SAME base, on the same windows in the same order with the same optimiser and lr:
+  cpt        continued pretraining: the next-token term alone
+  rlp        the next-token term plus RLP (rlp.*, reward)
+  rlp_plain  rlp on the plain transformer's base: what TTT-E2E adds to RLP
+Runs land in <out_dir>/<method>/, bases in <out_dir>/base_ttt/ and <out_dir>/base_plain/.
 """
 
 from __future__ import annotations
@@ -31,33 +35,51 @@ from training.data import prepare_data  # noqa: E402
 from training.run import parse_config_or_exit  # noqa: E402
 
 
+FROM_BASE = {"cpt": "base_ttt", "rlp": "base_ttt", "rlp_plain": "base_plain"}
+
+
+def pretrain_steps(cfg: CompareConfig, tokens: int) -> int:
+    return max(1, math.ceil(tokens / (cfg.batch_size * cfg.data.seq_len)))  # as the trainer counts
+
+
 def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tuple[object, list[str]]:
-    """The pipeline that runs `method` and its key=value overrides."""
-    steps = max(1, math.ceil(cfg.budget_tokens / (cfg.batch_size * cfg.data.seq_len)))  # as the trainer counts
-    every = max(1, steps // cfg.eval_points)
+    """The pipeline that runs `method` (or makes a base) and its key=value overrides."""
     shared = {**{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
               **{f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()}, "data.tokenizer": tokenizer_dir}
     common = [f"out_dir={cfg.out_dir}", f"run_name={method}", f"seed={cfg.seed}",
-              *(f"{k}={v}" for k, v in shared.items() if v is not None),
-              f"train.task_problems={cfg.task_problems}", f"wandb.mode={cfg.wandb.mode}"]
-    pretrain = [*common, f"train.data_tokens={cfg.budget_tokens}", f"train.batch_size={cfg.batch_size}",
-                f"train.eval_every={every}", f"train.save_every={steps}", "optim.warmup_steps=30"]
-    if method == "ntp_plain":
-        return ttt_pretrain, [*pretrain, "model.mode=full"]
-    if method == "ntp_ttt":
-        return ttt_pretrain, [*pretrain, "model.mode=ttt_e2e"]
-    if method == "tpt":
-        return ttt_pretrain, [*pretrain, "model.mode=ttt_e2e", "data.augment=tpt"]
-    rlp_tokens = int(cfg.budget_tokens * cfg.rlp_fraction)
-    base_steps = max(1, (cfg.budget_tokens - rlp_tokens) // (cfg.batch_size * cfg.data.seq_len))
-    windows = 16
-    rlp_steps = max(1, rlp_tokens // (windows * cfg.data.seq_len))
-    return rlp_midtrain, [
-        *common, "model.mode=ttt_e2e", f"pretrain.steps={base_steps}", f"pretrain.batch_size={cfg.batch_size}",
-        f"pretrain.eval_every={max(1, base_steps // cfg.eval_points)}", f"train.data_tokens={rlp_tokens}",
-        f"rollout.windows_per_step={windows}", f"train.eval_every={max(1, rlp_steps // 2)}",
-        f"train.save_every={rlp_steps}", "train.log_every=1", "optim.warmup_steps=1",
-    ]
+              *(f"{k}={_value(v)}" for k, v in shared.items() if v is not None),
+              f"train.task_problems={cfg.task_problems}", f"train.task_think_tokens={cfg.rlp.thought_max_tokens}",
+              f"wandb.mode={cfg.wandb.mode}"]
+    mid_tokens = int(cfg.budget_tokens * cfg.rlp_fraction)
+    if method in FROM_BASE:
+        steps = max(1, mid_tokens // (cfg.windows_per_step * cfg.data.seq_len))
+        overrides = [*common, f"base={Path(cfg.out_dir).resolve() / FROM_BASE[method] / 'model'}",
+                     f"reward={cfg.reward}", f"train.data_tokens={mid_tokens}",
+                     f"rollout.windows_per_step={cfg.windows_per_step}", f"train.eval_every={max(1, steps // cfg.eval_points)}",
+                     f"train.save_every={steps}", "train.log_every=1", f"optim.lr={cfg.mid_lr}",
+                     f"optim.end_lr={cfg.mid_lr / 10}", "optim.warmup_steps=1",
+                     *(f"rlp.{k}={v}" for k, v in dataclasses.asdict(cfg.rlp).items())]
+        if method == "cpt":
+            overrides.append("rlp.rlp_weight=0")
+        return rlp_midtrain, overrides
+    budget = cfg.budget_tokens - mid_tokens if method.startswith("base_") else cfg.budget_tokens
+    steps = pretrain_steps(cfg, budget)
+    pretrain = [*common, f"train.data_tokens={budget}", f"train.batch_size={cfg.batch_size}",
+                f"train.eval_every={max(1, steps // cfg.eval_points)}", f"train.save_every={steps}",
+                "optim.warmup_steps=30", f"optim.lr={cfg.lr}"]
+    mode = "full" if method in ("ntp_plain", "base_plain") else "ttt_e2e"
+    augment = {"tpt": "tpt", "base_ttt": "think", "base_plain": "think"}.get(method, "none")
+    return ttt_pretrain, [*pretrain, f"model.mode={mode}", f"data.augment={augment}"]
+
+
+def _value(v) -> str:
+    return "[" + ",".join(map(str, v)) + "]" if isinstance(v, list) else str(v)
+
+
+def run_order(methods: list[str]) -> list[str]:
+    """The bases the chosen methods start from, first, then the methods."""
+    bases = [b for b in ("base_ttt", "base_plain") if any(FROM_BASE.get(m) == b for m in methods)]
+    return bases + list(methods)
 
 
 def main(argv: list[str]) -> dict[str, dict]:
@@ -67,13 +89,16 @@ def main(argv: list[str]) -> dict[str, dict]:
     # One tokenizer for every method, trained once on the shared train split.
     prepare_data(cfg.data, out, cfg.seed)
     summaries = {}
-    for i, method in enumerate(cfg.methods, 1):
+    order = run_order(cfg.methods)
+    for i, method in enumerate(order, 1):
         pipeline, overrides = method_overrides(cfg, method, (out / "tokenizer").resolve())
-        print(f"\n=== [{i}/{len(cfg.methods)}] {method}: {pipeline.__name__.split('.')[-1]} {' '.join(overrides)}")
+        print(f"\n=== [{i}/{len(order)}] {method}: {pipeline.__name__.split('.')[-1]} {' '.join(overrides)}")
         summaries[method] = pipeline.main(overrides)
     print(f"\nruns in {out}/<method>/; the dashboard: python pipelines/report.py {out}")
     for method, s in summaries.items():
-        print(f"{method:>10}: held-out bpb {s['eval/bpb']:.4f}  data tokens {s.get('tokens/data', 0):,.0f}")
+        think = (f"  task acc after a thought {s['eval/task_acc_think']:.3f}  answer NLL after a thought "
+                 f"{s['eval/answer_nll_think']:.3f}" if "eval/task_acc_think" in s else "")
+        print(f"{method:>10}: held-out bpb {s['eval/bpb']:.4f}  data tokens {s.get('tokens/data', 0):,.0f}{think}")
     return summaries
 
 

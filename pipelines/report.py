@@ -16,6 +16,7 @@ import argparse
 import base64
 import html
 import io
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -31,7 +32,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 
 AXES = {"tokens/data": "data tokens (corpus tokens trained on)", "flops/total": "training FLOPs"}
-QUALITY = {"eval/bpb": "held-out bits per byte (lower is better)", "eval/task_acc": "held-out task accuracy"}
+QUALITY = {"eval/bpb": "held-out bits per byte (lower is better)",
+           "eval/task_acc": "held-out task accuracy, no thought",
+           "eval/task_acc_think": "held-out task accuracy after a thought",
+           "eval/answer_nll": "answer NLL per token, no thought (lower is better)",
+           "eval/answer_nll_think": "answer NLL per token after a thought (lower is better)"}
+# RLP's per-step diagnostics, drawn against the step for every run that logs them.
+DIAGNOSTICS = {"rlp/reward_mean": "mean reward (information gain, nats)", "rlp/reward_pos_frac": "share of rewards > 0",
+               "rlp/closed_frac": "share of thoughts the policy closed", "rlp/thought_len": "thought length (tokens)"}
+CLOSED_FRAC_WARNING = 0.5
 
 
 @dataclass
@@ -82,7 +91,11 @@ def plot(runs: list[Run], x: str, y: str, path: Path) -> bool:
     for run in runs:
         xs, ys = run.curve(x, y)
         if xs:
-            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.8, label=run.name)
+            line = ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.8, label=run.name)[0]
+            ci = [p.get(f"{y}_ci") for p in run.points if p.get(x) and p.get(y) is not None]
+            if all(c is not None for c in ci) and len(ci) == len(ys):  # 95% Wilson intervals
+                err = [[v - lo for v, (lo, _) in zip(ys, ci)], [hi - v for v, (_, hi) in zip(ys, ci)]]
+                ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor=line.get_color(), alpha=0.5, capsize=2)
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -99,6 +112,54 @@ def plot(runs: list[Run], x: str, y: str, path: Path) -> bool:
     return True
 
 
+def plot_diagnostics(runs: list[Run], path: Path) -> bool:
+    """RLP's per-step reward, its positive share, closed thoughts and thought length."""
+    series = {r.name: [m for m in read_metrics(r.path / "metrics.jsonl") if m.get("rlp/closed_frac") is not None]
+              for r in runs if (r.path / "metrics.jsonl").is_file()}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return False
+    fig, axes = plt.subplots(1, len(DIAGNOSTICS), figsize=(4.0 * len(DIAGNOSTICS), 3.4), dpi=100)
+    for ax, (key, label) in zip(axes, DIAGNOSTICS.items()):
+        for name, records in series.items():
+            pts = [(m["step"], m[key]) for m in records if m.get(key) is not None and math.isfinite(m[key])]
+            ax.plot([a for a, _ in pts], [b for _, b in pts], linewidth=1.4, label=name)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("RLP step")
+        ax.grid(True, alpha=0.3)
+    axes[0].axhline(0.0, color="#888", linewidth=0.8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def thought_tables(runs: list[Run]) -> str:
+    """Sampled thoughts at the first and the last RLP step of every run, with a loud warning when the
+    base could not think (few thoughts closed at the first step)."""
+    parts = []
+    for run in runs:
+        path = run.path / "thoughts.jsonl"
+        if not path.is_file():
+            continue
+        steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = [m for m in read_metrics(run.path / "metrics.jsonl") if m.get("rlp/closed_frac") is not None]
+        if records and records[0]["rlp/closed_frac"] < CLOSED_FRAC_WARNING:
+            parts.append(f'<p class="warn">WARNING ({html.escape(run.name)}): the policy closed only '
+                         f"{records[0]['rlp/closed_frac']:.0%} of its thoughts at the first RLP step: its base cannot "
+                         "think. Start RLP from a base trained on thoughts (pretrain.augment=think).</p>")
+        for label, entry in (("first", steps[0]), ("last", steps[-1])) if steps else ():
+            rows = "".join(
+                f"<tr><td>{html.escape(e['context'][-60:])}</td><td>{html.escape(e['next_token'])}</td>"
+                f"<td>{html.escape(t['text'])}</td><td>{_fmt(t['reward'], '+.3f')}</td><td>{'yes' if t['closed'] else 'forced'}</td></tr>"
+                for e in entry["examples"] for t in e["thoughts"])
+            parts.append(f"<h3>{html.escape(run.name)}: thoughts at the {label} RLP step ({entry['step']})</h3>"
+                         "<table class=\"thoughts\"><tr><th>context (end)</th><th>true next token</th><th>thought</th>"
+                         f"<th>reward</th><th>closed</th></tr>{rows}</table>")
+    return "\n".join(parts)
+
+
 def efficiency_table(runs: list[Run], baseline: str) -> tuple[list[dict], float | None]:
     base = next((r for r in runs if r.name == baseline or r.path.name == baseline), None)
     if base is None:
@@ -111,6 +172,7 @@ def efficiency_table(runs: list[Run], baseline: str) -> tuple[list[dict], float 
         last = run.points[-1]
         rows.append({
             "run": run.name, "final_bpb": last["eval/bpb"], "final_task_acc": last.get("eval/task_acc"),
+            "final_task_acc_think": last.get("eval/task_acc_think"), "final_answer_nll_think": last.get("eval/answer_nll_think"),
             "data_tokens": last.get("tokens/data"), "thought_tokens": last.get("tokens/thought", 0),
             "flops": last.get("flops/total"), "tokens_to_target": reached,
             "efficiency": (base_tokens / reached) if reached and base_tokens else None,
@@ -123,17 +185,20 @@ def _fmt(v, spec=",.0f", none="—"):
 
 
 def write_html(runs: list[Run], rows: list[dict], target: float | None, baseline: str, pngs: list[Path], out: Path) -> Path:
+    thoughts = thought_tables(runs)
     images = "\n".join(
         f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{html.escape(p.stem.replace('__', ' vs ').replace('_', ' '))}</figcaption></figure>"
         for p in pngs)
     table = ""
     if rows:
-        head = ("<tr><th>run</th><th>final bpb</th><th>final task acc</th><th>data tokens</th><th>thought tokens</th>"
+        head = ("<tr><th>run</th><th>final bpb</th><th>final task acc</th><th>task acc after a thought</th>"
+                "<th>answer NLL after a thought</th><th>data tokens</th><th>thought tokens</th>"
                 f"<th>FLOPs</th><th>data tokens to reach {baseline}'s final bpb ({target:.4f})</th>"
                 "<th>data efficiency vs baseline</th></tr>")
         body = "\n".join(
             f"<tr><td>{html.escape(r['run'])}</td><td>{r['final_bpb']:.4f}</td><td>{_fmt(r['final_task_acc'], '.3f')}</td>"
+            f"<td>{_fmt(r['final_task_acc_think'], '.3f')}</td><td>{_fmt(r['final_answer_nll_think'], '.3f')}</td>"
             f"<td>{_fmt(r['data_tokens'])}</td><td>{_fmt(r['thought_tokens'])}</td><td>{_fmt(r['flops'], '.3g')}</td>"
             f"<td>{_fmt(r['tokens_to_target'], ',.0f', 'not reached')}</td><td>{_fmt(r['efficiency'], '.2f')}{'×' if r['efficiency'] else ''}</td></tr>"
             for r in rows)
@@ -143,12 +208,15 @@ def write_html(runs: list[Run], rows: list[dict], target: float | None, baseline
 <style>body{{font-family:sans-serif;margin:24px;color:#222}}figure{{display:inline-block;width:46%;margin:8px}}
 img{{width:100%}}
 table{{border-collapse:collapse;margin-top:12px}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}</style></head>
+td:first-child,th:first-child{{text-align:left}}
+table.thoughts td{{text-align:left;font-family:monospace;white-space:pre-wrap;max-width:420px}}
+.warn{{color:#b00;font-weight:bold}}</style></head>
 <body><h1>Data efficiency</h1>
 <p>Held-out quality on original documents against the corpus tokens each run trained on (thinking
 tokens, generated or appended, are counted apart) and against training FLOPs. {len(runs)} runs.</p>
 {table}
 {images}
+{thoughts}
 </body></html>
 """
     path = out / "index.html"
@@ -197,6 +265,8 @@ def main(argv: list[str]) -> Path:
             path = out / f"{y.split('/')[1]}__{x.split('/')[0]}.png"
             if plot(runs, x, y, path):
                 pngs.append(path)
+    if plot_diagnostics(runs, out / "rlp_diagnostics.png"):
+        pngs.append(out / "rlp_diagnostics.png")
     rows, target = efficiency_table(runs, args.baseline)
     page = write_html(runs, rows, target, args.baseline, pngs, out)
     if args.wandb != "disabled":

@@ -13,6 +13,7 @@ runs/<run_name>/: base/ (that pretraining), model/, checkpoints/, metrics.jsonl,
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -36,6 +37,9 @@ from training.run import parse_config_or_exit, prepare_run_dir, resolve_device  
 from training.trainer import run_pretraining, timed  # noqa: E402
 
 
+CLOSED_FRAC_WARNING = 0.5  # below this share of self-closed thoughts at the first step, the base cannot think
+
+
 def start_ray(address: str) -> bool:
     """Join or start a Ray cluster; True if this call started it (the caller then shuts it down)."""
     if ray.is_initialized():
@@ -56,11 +60,15 @@ def pretrain_base(cfg: RLPMidtrainConfig, data, run_dir: Path, device) -> Path:
     if (base_dir / "model" / "config.json").is_file():
         print(f"using the base model pretrained earlier in {base_dir}")
         return base_dir / "model"
-    print(f"no base model given: pretraining {cfg.model.name} ({cfg.model.mode}) for {cfg.pretrain.steps} steps")
     p = cfg.pretrain
+    print(f"no base model given: pretraining {cfg.model.name} ({cfg.model.mode}) for {p.steps} steps "
+          f"(data.augment={p.augment}: {'worked solutions as thoughts, so the policy can think' if p.augment == 'think' else 'no thoughts'})")
+    if p.augment != cfg.data.augment:  # the same corpus, split and tokenizer; thoughts in the train documents
+        data = prepare_data(dataclasses.replace(cfg.data, augment=p.augment, tokenizer=cfg.data.tokenizer or str(run_dir / "tokenizer")),
+                            run_dir, cfg.seed)
     pre = PretrainConfig(
         run_name="base", out_dir=str(run_dir), seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-        model=cfg.model, ttt=cfg.ttt, data=cfg.data,
+        model=cfg.model, ttt=cfg.ttt, data=dataclasses.replace(cfg.data, augment=p.augment),
         optim=dataclasses.replace(cfg.optim, lr=p.lr, end_lr=p.lr / 100, warmup_steps=min(30, p.steps)),
         train=LoopConfig(steps=p.steps, batch_size=p.batch_size, eval_every=p.eval_every, save_every=p.steps,
                          eval_windows=cfg.train.eval_windows, log_every=10),
@@ -148,20 +156,25 @@ def rlp_loop(cfg: RLPMidtrainConfig, learner, workers, loader: WindowLoader, log
     if start == 0:
         logger.log(first, step=0)
     tqdm.write(f"version {start}: held-out bpb {first['eval/bpb']:.4f}")
-    last_eval, metrics = first, {}
+    last_eval, metrics, gains, closed = first, {}, [], []
     for step in tqdm(range(start + 1, t.steps + 1), desc="rlp", unit="step", initial=start, total=t.steps):
         timings: dict[str, float] = {}
         windows = loader.next_batch()
-        with timed(timings, "rollout"):
-            rollouts = ray.get([w.rollout.remote(s) for w, s in zip(workers, windows.chunk(len(workers)))])
+        with timed(timings, "rollout"):  # none without the RLP term (continued pretraining)
+            rollouts = ray.get([w.rollout.remote(s) for w, s in zip(workers, windows.chunk(len(workers)))]
+                               if cfg.rlp.rlp_weight > 0 else [])
         # Rewards are computed inside the workers; report their share of the rollout phase.
-        timings["timing_s/reward"] = max(r.timings["timing_s/reward"] for r in rollouts)
+        timings["timing_s/reward"] = max((r.timings["timing_s/reward"] for r in rollouts), default=0.0)
         with timed(timings, "train"):
             metrics = ray.get(learner.train_step.remote(rollouts, windows))
         with timed(timings, "sync"):
             sync_weights(learner, workers)
         thought_tokens = sum(r.thought_tokens for r in rollouts)
         metrics["perf/rollout_tokens_per_s"] = thought_tokens / timings["timing_s/rollout"]
+        log_thoughts(logger.path.parent, step, rollouts, metrics, first_step=step == start + 1)
+        if rollouts:
+            gains.append(metrics["rlp/reward_mean"])
+            closed.append(metrics["rlp/closed_frac"])
         if step % t.eval_every == 0 or step == t.steps:
             with timed(timings, "eval"):
                 last_eval = ray.get(learner.evaluate.remote())
@@ -171,9 +184,26 @@ def rlp_loop(cfg: RLPMidtrainConfig, learner, workers, loader: WindowLoader, log
                 ray.get(learner.save.remote({"loader": loader.state_dict()}))
         if step % t.log_every == 0 or "eval/bpb" in metrics:
             logger.log({**metrics, **timings}, step=step)
-    tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f}); "
-               f"mean reward at the last step {metrics.get('rlp/reward_mean', float('nan')):.4f}")
+    tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
+    if gains:
+        k = max(1, len(gains) // 4)  # the first and last quarter of the steps, averaged: one step is noisy
+        early, late = sum(gains[:k]) / k, sum(gains[-k:]) / k
+        tqdm.write(f"rlp/closed_frac {closed[0]:.2f} at the first step, {closed[-1]:.2f} at the last; mean information "
+                   f"gain {early:+.4f} -> {late:+.4f} nats (change {late - early:+.4f}, first and last {k} steps)")
     return {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
+
+
+def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_step: bool) -> None:
+    """Append the step's example thoughts to thoughts.jsonl (the report's table), and warn loudly
+    when the base cannot think: RLP's reward needs thoughts the policy closes itself."""
+    examples = [e for r in rollouts for e in r.examples]
+    if examples:
+        with open(Path(run_dir) / "thoughts.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "examples": examples}) + "\n")
+    if first_step and metrics.get("rlp/closed_frac", 1.0) < CLOSED_FRAC_WARNING:
+        tqdm.write(f"WARNING: the policy closed only {metrics['rlp/closed_frac']:.0%} of its thoughts at the first step: "
+                   "the base cannot think, and RLP's information gain will be strongly negative. Start from a base "
+                   "trained on thoughts (leave base= empty, pretrain.augment=think) or raise rlp.thought_max_tokens.")
 
 
 if __name__ == "__main__":

@@ -182,6 +182,13 @@ class TorchEngine:
         last = logits[torch.arange(len(sequences), device=self.device), lengths - 1]
         return sampling_logprobs(last, 1.0).gather(-1, self._ids(targets)[:, None]).squeeze(-1).cpu()
 
+    @torch.no_grad()
+    def next_token_entropy(self, windows: torch.Tensor) -> torch.Tensor:
+        """Entropy (nats) of the model's next-token distribution after every token of [N, T]
+        windows (TTT-E2E's inner loop running, as when it reads a context): [N, T] on the CPU."""
+        logp = sampling_logprobs(self.model(windows.to(self.device)).logits, 1.0)
+        return -(logp.exp() * logp).sum(-1).cpu()
+
     def load_weights(self, state: Mapping[str, torch.Tensor], version: int) -> None:
         self.model.load_state_dict(state, strict=True)
         self.version = version

@@ -42,14 +42,27 @@ class Rollouts:
     positions: int = 0
     thought_tokens: int = 0
     context_tokens: int = 0  # tokens prefilled by the policy (FLOPs accounting)
+    thoughts: int = 0
+    closed: int = 0  # thoughts the policy closed itself (the others had </think> forced at the limit)
+    examples: list[dict] = field(default_factory=list)  # a few thoughts as text, for the report
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def choose_positions(seq_len: int, k: int, min_context: int, generator: torch.Generator) -> list[int]:
-    """k distinct positions t in [min_context, seq_len] (x_t is the token to predict), uniform."""
+EXAMPLES_PER_ROLLOUT = 2  # thought groups a worker returns as text each step
+
+
+def choose_positions(seq_len: int, k: int, min_context: int, generator: torch.Generator,
+                     weights: torch.Tensor | None = None) -> list[int]:
+    """k distinct positions t in [min_context, seq_len] (x_t is the token to predict): uniform, or
+    drawn without replacement with probability proportional to `weights` [seq_len + 1] (e.g. the
+    teacher's next-token entropy at each t)."""
     candidates = seq_len - min_context + 1
-    picks = torch.randperm(candidates, generator=generator)[: min(k, candidates)] + min_context
-    return sorted(picks.tolist())
+    if weights is None:
+        picks = torch.randperm(candidates, generator=generator)[: min(k, candidates)]
+    else:
+        w = weights[min_context : seq_len + 1].double().clamp(min=1e-12)
+        picks = torch.multinomial(w, min(k, candidates), replacement=False, generator=generator)
+    return sorted((picks + min_context).tolist())
 
 
 class RolloutWorker:
@@ -98,8 +111,12 @@ class RolloutWorker:
         cfg, out = self.cfg, Rollouts(version=self.version, samples=[], rewards=[])
         start = time.perf_counter()
         contexts, nexts, targets = [], [], []
-        for window in windows.tolist():
-            for t in choose_positions(len(window) - 1, cfg.positions_per_window, cfg.min_context, self.generator):
+        entropy = None
+        if cfg.position_sampling == "entropy":  # H of the teacher's next-token distribution at every t
+            entropy = torch.cat([torch.zeros(len(windows), 1), self.teacher.next_token_entropy(windows[:, :-1])], 1)
+        for w, window in enumerate(windows.tolist()):
+            weights = None if entropy is None else entropy[w]
+            for t in choose_positions(len(window) - 1, cfg.positions_per_window, cfg.min_context, self.generator, weights):
                 contexts.append(window[:t])
                 nexts.append(window[t])
                 targets.append(window[t : t + TARGET_TOKENS])
@@ -125,8 +142,19 @@ class RolloutWorker:
                     continue
                 out.samples.append(ThoughtSample(context, thought, logprobs, a, r))
                 out.rewards.append(r)
+            if len(out.examples) < EXAMPLES_PER_ROLLOUT:
+                out.examples.append(self.example(context, nexts[i], group, rewards))
             out.positions += 1
+            out.thoughts += len(group.thoughts)
+            out.closed += sum(not t for t in group.truncated)
             out.thought_tokens += sum(len(th) for th in group.thoughts)
             out.context_tokens += len(context)
         out.timings["timing_s/reward"] = time.perf_counter() - start
         return out
+
+    def example(self, context: list[int], next_token: int, group, rewards: list) -> dict:
+        """One thought group as text: the end of its context, the true next token, every thought
+        with its reward and whether the policy closed it."""
+        return {"context": self.tokenizer.decode(context[-48:]), "next_token": self.tokenizer.decode([next_token]),
+                "thoughts": [{"text": self.tokenizer.decode(t), "reward": r, "closed": not tr}
+                             for t, r, tr in zip(group.thoughts, rewards, group.truncated)]}

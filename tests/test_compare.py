@@ -37,8 +37,8 @@ def test_tpt_appends_thinking_to_train_documents_only(tmp_path):
 def test_compare_runs_methods_on_one_budget_and_reports(tmp_path):
     out = tmp_path / "cmp"
     budget = 8 * 64 * 12
-    summaries = compare.main([f"out_dir={out}", "methods=[ntp_plain,tpt]", f"budget_tokens={budget}", "eval_points=2",
-                              "task_problems=2",
+    summaries = compare.main([f"out_dir={out}", "methods=[ntp_plain,tpt,cpt,rlp]", f"budget_tokens={budget}",
+                              "eval_points=2", "task_problems=4", "windows_per_step=4", "rlp.thought_max_tokens=4",
                               f"data.cache_dir={tmp_path / 'cache'}", *SMALL])
     for method in ("ntp_plain", "tpt"):
         records = read_metrics(out / method / "metrics.jsonl")
@@ -48,8 +48,34 @@ def test_compare_runs_methods_on_one_budget_and_reports(tmp_path):
     assert read_metrics(out / "tpt" / "metrics.jsonl")[-1]["tokens/thought"] > 0
     assert read_metrics(out / "ntp_plain" / "metrics.jsonl")[-1]["tokens/thought"] == 0
     assert summaries["tpt"]["eval/bpb"] < summaries["tpt"]["bpb_start"]
-    page = report.main([str(out), "--wandb", "disabled"])
-    assert "ntp_plain" in page.read_text() and "tpt" in page.read_text()
+    # cpt and rlp: the same base, the same windows; only rlp samples thoughts
+    for method in ("cpt", "rlp"):
+        records = read_metrics(out / method / "metrics.jsonl")
+        assert records[0]["tokens/data"] == read_metrics(out / "base_ttt" / "metrics.jsonl")[-1]["tokens/data"]
+        assert "eval/answer_nll_think" in records[-1] and 0 <= records[-1]["eval/task_acc_think"] <= 1
+    assert read_metrics(out / "cpt" / "metrics.jsonl")[-1]["train/loss_ntp"] != read_metrics(out / "rlp" / "metrics.jsonl")[-1]["train/loss_ntp"]
+    assert not (out / "cpt" / "thoughts.jsonl").exists() and (out / "rlp" / "thoughts.jsonl").is_file()
+    assert all(0 <= m["rlp/closed_frac"] <= 1 for m in read_metrics(out / "rlp" / "metrics.jsonl") if "rlp/closed_frac" in m)
+    page = report.main([str(out), "--wandb", "disabled"]).read_text()
+    assert "ntp_plain" in page and "tpt" in page and "thoughts at the first RLP step" in page
+    assert (out / "report" / "rlp_diagnostics.png").is_file()
+
+
+def test_cpt_and_rlp_start_from_one_base_and_differ_only_in_the_rlp_term(tmp_path):
+    from training.config import CONFIG_DIR, CompareConfig, load_config
+
+    cfg = load_config(CompareConfig, CONFIG_DIR / "compare.yaml", [f"out_dir={tmp_path}", "rlp.group_size=6"])
+    assert compare.run_order(["rlp", "ntp_plain", "rlp_plain", "cpt"]) == ["base_ttt", "base_plain", "rlp", "ntp_plain",
+                                                                            "rlp_plain", "cpt"]
+    _, cpt = compare.method_overrides(cfg, "cpt", tmp_path / "tok")
+    pipeline, rlp = compare.method_overrides(cfg, "rlp", tmp_path / "tok")
+    assert pipeline.__name__.endswith("rlp_midtrain")
+    assert set(cpt) ^ set(rlp) == {"run_name=cpt", "run_name=rlp", "rlp.rlp_weight=0"}
+    assert f"base={tmp_path.resolve() / 'base_ttt' / 'model'}" in rlp and "rlp.group_size=6" in rlp
+    _, base = compare.method_overrides(cfg, "base_ttt", tmp_path / "tok")
+    assert "data.augment=think" in base and "model.mode=ttt_e2e" in base
+    budget = [int(o.split("=")[1]) for o in base + rlp if o.startswith("train.data_tokens=")]
+    assert sum(budget) == cfg.budget_tokens  # the base and the mid-training phase share the budget
 
 
 def test_unknown_method_is_refused():

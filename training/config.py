@@ -115,6 +115,12 @@ class TTTConfig:
     loss_average: str | None = one_of(None, "chunk", "token")
 
 
+# Short documents whose answer is hard to predict without working it out. gsm_symbolic (GSM8K
+# word problems) carries a worked solution (metadata["answer_cot"]); the others carry none:
+# mixed + - * / with parentheses, multi-digit products, and legs per animal times counts.
+DEFAULT_TASKS: tuple[str, ...] = ("gsm_symbolic", "basic_arithmetic", "products", "leg_counting")
+
+
 @dataclass
 class DataConfig:
     # "embedded" (the reasoning-gym corpus made offline) or a path/glob to json, jsonl,
@@ -130,7 +136,13 @@ class DataConfig:
     # tpt: append <think> thinking </think> to every train document (methods.md §3), the
     # thinking read from `thinking_field` (the embedded corpus's worked solutions by default,
     # or what pipelines/tpt_augment.py wrote).
-    augment: str = one_of("none", "none", "tpt")
+    # think: the thinking inserted as "<think> ... </think>" at a random position of the document,
+    # which then reads on (RLP's setting: the base RLP starts from learns to write thoughts,
+    # close them and continue). Thinking tokens are counted apart from data tokens, as in TPT.
+    augment: str = one_of("none", "none", "tpt", "think")
+    # The embedded corpus's tasks: reasoning-gym generators and worked_arithmetic
+    # (training/arithmetic.py).
+    tasks: list = _field(list(DEFAULT_TASKS), "must be a non-empty list of task names", lambda v: len(v) > 0)
     thinking_field: str = "solution"
     # Mask the targets that begin a new document in a packed window (the token after each
     # end-of-document separator), as TTT-E2E's official pipeline does: neither the loss nor the
@@ -165,7 +177,9 @@ class LoopConfig:
     eval_every: int = positive(100)
     eval_windows: int = positive(64)  # held-out windows per evaluation
     task_problems: int = non_negative(0)  # held-out problems answered per evaluation (eval/task_acc); 0: off
-    task_max_new_tokens: int = positive(64)
+    task_max_new_tokens: int = positive(16)  # answer tokens written after "Answer:"
+    # > 0: also answer after a greedy thought of at most this many tokens (eval/*_think)
+    task_think_tokens: int = non_negative(0)
     save_every: int = positive(100)
 
 
@@ -206,6 +220,8 @@ class RLPConfig:
 
     group_size: int = _field(4, "must be >= 2 (advantages need a group baseline)", lambda v: v >= 2)
     positions_per_window: int = positive(1)  # positions sampled per context window
+    # uniform over t >= min_context, or in proportion to the EMA teacher's next-token entropy at t
+    position_sampling: str = one_of("uniform", "uniform", "entropy")
     min_context: int = positive(16)  # a position t has at least this many tokens before it
     thought_max_tokens: int = positive(24)
     temperature: float = positive(0.7)
@@ -233,6 +249,9 @@ class PretrainStageConfig:
     lr: float = positive(3e-3)
     batch_size: int = positive(16)
     eval_every: int = positive(100)
+    # The base's documents: think puts each worked solution as a thought before the answer, so
+    # the policy starts out writing thoughts and closing them (see data.augment).
+    augment: str = one_of("think", "none", "tpt", "think")
 
 
 @dataclass
@@ -264,7 +283,7 @@ class RLPMidtrainConfig(PretrainConfig):
             raise ConfigError(f"reward={self.reward}: {e}") from None
 
 
-METHODS = ("ntp_plain", "ntp_ttt", "tpt", "rlp")
+METHODS = ("ntp_plain", "ntp_ttt", "tpt", "cpt", "rlp", "rlp_plain")
 
 
 @dataclass
@@ -277,9 +296,15 @@ class CompareConfig:
                            lambda v: len(v) > 0 and all(m in METHODS for m in v))
     budget_tokens: int = positive(400_000)  # data tokens every method trains on
     eval_points: int = positive(5)  # evaluations along each run
-    task_problems: int = non_negative(16)
-    rlp_fraction: float = fraction(0.25, open_low=True)  # of the budget spent in RLP (the rest pretrains its base)
-    batch_size: int = positive(16)
+    task_problems: int = non_negative(256)  # held-out problems per evaluation, with and without a thought
+    # cpt, rlp and rlp_plain: the share of the budget after their shared base (which gets the rest)
+    rlp_fraction: float = fraction(0.25, open_low=True)
+    batch_size: int = positive(16)  # windows per step of pretraining
+    lr: float = positive(3e-3)  # pretraining (from scratch and the bases)
+    mid_lr: float = positive(3e-4)  # cpt and rlp alike, after the base
+    windows_per_step: int = positive(16)  # cpt and rlp alike
+    reward: str = "rlp_info_gain"
+    rlp: RLPConfig = field(default_factory=RLPConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)

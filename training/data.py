@@ -26,13 +26,10 @@ from datasets import Dataset, load_dataset, load_from_disk
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from training.config import DataConfig
+from training import arithmetic
+from training.config import DEFAULT_TASKS, DataConfig
 from training.tokenizer import load_or_train_tokenizer, token_byte_lengths
 
-# Short documents whose answer is hard to predict without working it out. gsm_symbolic (GSM8K
-# word problems) carries a worked solution (metadata["answer_cot"]); the others carry none:
-# mixed + - * / with parentheses, multi-digit products, and legs per animal times counts.
-DEFAULT_TASKS: tuple[str, ...] = ("gsm_symbolic", "basic_arithmetic", "products", "leg_counting")
 # Bump when the document format or the generation recipe changes, so old caches are not reused.
 CORPUS_VERSION = 1
 
@@ -76,7 +73,8 @@ def _task_counts(num_docs: int, tasks: Sequence[str]) -> dict[str, int]:
 def build_embedded_corpus(
     num_docs: int, seed: int, cache_dir: str | Path, tasks: Sequence[str] = DEFAULT_TASKS
 ) -> Dataset:
-    """Generate (or load from cache) `num_docs` reasoning-gym documents.
+    """Generate (or load from cache) `num_docs` documents of reasoning-gym tasks (and of
+    training/arithmetic.py's worked_arithmetic).
 
     Columns: id, task, question, solution, answer, text. Offline and deterministic in
     (num_docs, seed, tasks); cached under cache_dir.
@@ -98,16 +96,20 @@ def build_embedded_corpus(
                 continue
             # A seed per task: tasks seeded alike draw the same numbers (chain_sum and products
             # would both ask about 60 and 93).
-            generator = reasoning_gym.create_dataset(task, size=count, seed=stable_seed(seed, task) % 2**31)
-            for i in range(count):
-                item = generator[i]
-                solution = _worked_solution(item)
+            task_seed = stable_seed(seed, task) % 2**31
+            if task == arithmetic.TASK:
+                items = arithmetic.worked_arithmetic(count, task_seed)
+            else:
+                generator = reasoning_gym.create_dataset(task, size=count, seed=task_seed)
+                items = ({"question": item["question"], "solution": _worked_solution(item), "answer": item["answer"]}
+                         for item in (generator[i] for i in range(count)))
+            for i, item in enumerate(items):
                 rows["id"].append(f"{task}:{seed}:{i}")
                 rows["task"].append(task)
                 rows["question"].append(item["question"].strip())
-                rows["solution"].append(solution)
+                rows["solution"].append(item["solution"])
                 rows["answer"].append(str(item["answer"]).strip())
-                rows["text"].append(format_document(item["question"], solution, str(item["answer"])))
+                rows["text"].append(format_document(item["question"], item["solution"], str(item["answer"])))
                 bar.update()
 
     # Write beside the final folder and rename, so an interrupted run leaves no partial cache.
@@ -333,12 +335,23 @@ def tpt_document(tokenizer, document: list[int], thinking: str) -> tuple[list[in
     return document + t, [0] * len(document) + [1] * len(t)
 
 
+def think_document(tokenizer, document: list[int], thinking: str, position: int) -> tuple[list[int], list[int]]:
+    """`document` with "<think> thinking </think>" inserted before its token `position`, and its
+    0/1 mask of thinking tokens. RLP's setting (methods.md §1): a thought at some position t,
+    after which the document reads on. Empty thinking: the document as it is."""
+    if not thinking.strip():
+        return document, [0] * len(document)
+    thought = tokenizer(f"<think>{thinking.strip()}</think>", add_special_tokens=False)["input_ids"]
+    return (document[:position] + thought + document[position:],
+            [0] * position + [1] * len(thought) + [0] * (len(document) - position))
+
+
 def prepare_data(cfg: DataConfig, run_dir: str | Path, seed: int) -> PreparedData:
     """Corpus -> clean -> split by document -> tokenizer (trained on the train split, or reused)
     -> packed windows for both splits (with TPT's thinking appended to train documents when
     data.augment=tpt; held-out documents stay original)."""
     if cfg.source == "embedded":
-        docs = build_embedded_corpus(cfg.num_docs, seed, cfg.cache_dir)
+        docs = build_embedded_corpus(cfg.num_docs, seed, cfg.cache_dir, cfg.tasks)
     else:
         docs = load_documents(cfg.source, cfg.text_field, cfg.format)
     docs, skipped = clean_documents(docs, cfg.text_field)
@@ -351,11 +364,16 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, seed: int) -> PreparedDat
     eos = tokenizer.eos_token_id
     train_ids = tokenize_documents(tokenizer, train[cfg.text_field])
     mask = None
-    if cfg.augment == "tpt":
+    if cfg.augment != "none":
         if cfg.thinking_field not in train.column_names:
-            raise KeyError(f"data.augment=tpt needs a column data.thinking_field={cfg.thinking_field!r}; "
+            raise KeyError(f"data.augment={cfg.augment} needs a column data.thinking_field={cfg.thinking_field!r}; "
                            f"the corpus has {train.column_names}")
-        pairs = [tpt_document(tokenizer, ids, t or "") for ids, t in zip(train_ids, train[cfg.thinking_field])]
+        thinking = [t or "" for t in train[cfg.thinking_field]]
+        if cfg.augment == "tpt":
+            pairs = [tpt_document(tokenizer, ids, t) for ids, t in zip(train_ids, thinking)]
+        else:  # a thought at a position drawn per document, after its first token
+            pairs = [think_document(tokenizer, ids, t, 1 + stable_seed(seed, "think", i) % len(ids))
+                     for i, (ids, t) in enumerate(zip(train_ids, thinking))]
         train_ids = [ids for ids, _ in pairs]
         mask = pack_documents([m for _, m in pairs], 0, cfg.seq_len).bool()
     return PreparedData(

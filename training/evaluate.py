@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from models.hf import is_ttt
+from training import arithmetic
 from training.data import split_window
 
 
@@ -56,46 +57,98 @@ def heldout_bpb(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_s
             "eval/loss_by_position": by_position}
 
 
-class TaskAccuracy:
-    """Greedy answers to held-out problems of the embedded corpus, graded by reasoning-gym's own
-    scorer (a problem counts as solved when it scores 1).
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% at z = 1.96)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
-    The prompt is the document's opening, "Question: ...\\n"; the model writes on (a solution,
-    then "Answer: ..."), and the text after the last "Answer:" is graded. A method that thinks
-    first writes a thought between <think> and </think> (at most `think_tokens`), then answers.
+
+class TaskAccuracy:
+    """Held-out problems answered with and without a thought (methods.md §1: RLP is evaluated
+    with reasoning).
+
+    Without: the prompt "Question: q\\nAnswer:". With (think_tokens > 0): "Question: q\\n<think>",
+    a greedy thought of at most think_tokens (closed if the model did not close it), then
+    "</think>Answer:": the document read on after the thought, as data.augment=think trains. For each:
+      eval/answer_nll[_think]  mean NLL per token of the true answer, teacher-forced;
+      eval/task_acc[_think]    the greedy answer (up to the line's end) graded by the task's scorer
+                               (reasoning-gym's, or exact match for worked_arithmetic), with its
+                               95% Wilson interval as eval/task_acc[_think]_ci = [low, high].
+    eval/think_closed_frac: the share of thoughts the model closed itself.
     """
 
-    def __init__(self, tokenizer, docs, problems: int = 16, max_new_tokens: int = 64, think_tokens: int = 0):
+    def __init__(self, tokenizer, docs, problems: int = 16, max_new_tokens: int = 16, think_tokens: int = 0):
         if "question" not in docs.column_names or "answer" not in docs.column_names:
             raise KeyError(f"task accuracy needs question and answer columns; the held-out documents have {docs.column_names}")
         self.tokenizer, self.max_new_tokens, self.think_tokens = tokenizer, max_new_tokens, think_tokens
         self.rows = list(docs.select(range(min(problems, len(docs)))))
         self.think_open, self.think_close = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
 
-    def __call__(self, model) -> dict[str, float]:
-        from reasoning_gym import get_score_answer_fn
+    def _enc(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _answer_ids(self, lead: str, answer: str) -> tuple[list[int], list[int]]:
+        """The prompt piece `lead` ("Answer:") and the answer's tokens as they follow it in text."""
+        prompt, full = self._enc(lead), self._enc(f"{lead} {answer}")
+        if full[: len(prompt)] != prompt:  # the tokenizer merged across the boundary: no clean split
+            raise ValueError(f"cannot split {lead!r} from the answer {answer!r} in tokens")
+        return prompt, full[len(prompt):]
+
+    def __call__(self, model) -> dict[str, float]:
         from rollout.torch_engine import TorchEngine
 
         was_training, threads = model.training, torch.get_num_threads()
         torch.set_num_threads(1)  # decoding is many tiny ops: more threads only add synchronisation
+        model.eval()
         engine = TorchEngine(model, device=next(model.parameters()).device)
-        prompts = [self.tokenizer(f"Question: {r['question']}\n", add_special_tokens=False)["input_ids"] for r in self.rows]
+        heads = [self._enc(f"Question: {r['question']}\n") for r in self.rows]
+        metrics = self._answer(engine, model, [h + self._answer_ids("Answer:", r["answer"])[0] for h, r in zip(heads, self.rows)],
+                               "Answer:", "")
         if self.think_tokens:
-            thoughts = engine.generate([p + [self.think_open] for p in prompts], 1, self.think_tokens, 0.0,
-                                       stop=[self.think_close])
-            prompts = [p + [self.think_open] + _closed(g[0].ids, self.think_close) for p, g in zip(prompts, thoughts)]
+            opened = [h + [self.think_open] for h in heads]
+            thoughts = [g[0].ids for g in engine.generate(opened, 1, self.think_tokens, 0.0, stop=[self.think_close])]
+            closed = [bool(t) and t[-1] == self.think_close for t in thoughts]
+            prompts = [o + (t if c else t + [self.think_close]) + self._answer_ids("Answer:", r["answer"])[0]
+                       for o, t, c, r in zip(opened, thoughts, closed, self.rows)]
+            metrics.update(self._answer(engine, model, prompts, "Answer:", "_think"))
+            metrics["eval/think_closed_frac"] = sum(closed) / max(len(closed), 1)
+        model.train(was_training)
+        torch.set_num_threads(threads)
+        return metrics
+
+    @torch.no_grad()
+    def _answer(self, engine, model, prompts: list[list[int]], lead: str, suffix: str) -> dict:
+        """answer_nll and task_acc for prompts that end where the answer begins."""
+        answers = [self._answer_ids(lead, r["answer"])[1] for r in self.rows]
+        nats, count = 0.0, 0
+        for i in range(0, len(prompts), 32):  # teacher-forced, right-padded batches
+            seqs = [p + a for p, a in zip(prompts[i : i + 32], answers[i : i + 32])]
+            ids = torch.full((len(seqs), max(map(len, seqs))), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s)
+            logp = torch.log_softmax(model(ids.to(engine.device)).logits.float(), -1).cpu()
+            for r, (p, a) in enumerate(zip(prompts[i : i + 32], answers[i : i + 32])):
+                steps = torch.arange(len(p) - 1, len(p) - 1 + len(a))
+                nats -= logp[r, steps, torch.tensor(a)].sum().item()
+                count += len(a)
         outputs = engine.generate(prompts, 1, self.max_new_tokens, 0.0, stop=[self.tokenizer.eos_token_id])
         solved = 0
         for row, out in zip(self.rows, outputs):
-            text = self.tokenizer.decode(out[0].ids, skip_special_tokens=True)
-            answer = text.rsplit("Answer:", 1)[1].strip().split("\n")[0].strip() if "Answer:" in text else None
-            entry = {"question": row["question"], "answer": row["answer"], "metadata": {}}
-            solved += get_score_answer_fn(row["task"])(answer, entry) >= 1.0
-        model.train(was_training)
-        torch.set_num_threads(threads)
-        return {"eval/task_acc": solved / max(len(self.rows), 1)}
+            text = self.tokenizer.decode(out[0].ids, skip_special_tokens=True).strip().split("\n")[0].strip()
+            solved += score(row, text) >= 1.0
+        n = len(self.rows)
+        return {f"eval/answer_nll{suffix}": nats / max(count, 1), f"eval/task_acc{suffix}": solved / max(n, 1),
+                f"eval/task_acc{suffix}_ci": list(wilson_interval(solved, n))}
 
 
-def _closed(thought: list[int], think_close: int) -> list[int]:
-    return thought if thought and thought[-1] == think_close else thought + [think_close]
+def score(row: dict, answer: str) -> float:
+    """The task's own grade of `answer` (1.0: solved)."""
+    if row["task"] == arithmetic.TASK:
+        return arithmetic.score_answer(answer, row["answer"])
+    from reasoning_gym import get_score_answer_fn
+
+    return get_score_answer_fn(row["task"])(answer, {"question": row["question"], "answer": row["answer"], "metadata": {}})

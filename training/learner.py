@@ -106,12 +106,14 @@ class Learner:
         self.version += 1
 
         rewards = [r for ro in fresh for r in ro.rewards]
+        closed = sum(r.closed for r in fresh)
         metrics.update({
             "train/loss": loss.item(), "train/grad_norm": grad_norm.item(),
             "rlp/reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
             "rlp/reward_pos_frac": sum(r > 0 for r in rewards) / len(rewards) if rewards else float("nan"),
             "rlp/adv_abs_mean": sum(abs(s.advantage) for s in samples) / len(samples) if samples else float("nan"),
             "rlp/thought_len": sum(len(s.thought) for s in samples) / len(samples) if samples else float("nan"),
+            "rlp/closed_frac": closed / thoughts if (thoughts := sum(r.thoughts for r in fresh)) else float("nan"),
             "rlp/samples": len(samples),
             "sync/version_lag": (sum(self.version - 1 - r.version for r in fresh) / len(fresh)) if fresh else float("nan"),
             "perf/learner_tokens_per_s": (data_tokens + thought_seq_tokens) / (time.perf_counter() - start),

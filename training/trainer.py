@@ -221,7 +221,8 @@ def run_pretraining(cfg: PretrainConfig, data: PreparedData, run_dir: Path, devi
     loader = WindowLoader(data.train_windows, cfg.train.batch_size, cfg.seed, thought_mask=data.train_thought_mask)
     task_eval = None
     if cfg.train.task_problems:
-        task_eval = TaskAccuracy(data.tokenizer, data.heldout_docs, cfg.train.task_problems, cfg.train.task_max_new_tokens)
+        task_eval = TaskAccuracy(data.tokenizer, data.heldout_docs, cfg.train.task_problems, cfg.train.task_max_new_tokens,
+                                 think_tokens=cfg.train.task_think_tokens)
     trainer = Trainer(cfg, model, loader, data.heldout_windows, data.token_bytes, run_dir, device,
                       extra_metrics={"data/docs_skipped": data.docs_skipped}, task_eval=task_eval)
     resumed_at = trainer.maybe_resume() if cfg.resume else None

@@ -16,7 +16,9 @@ that SAME base, on the same windows in the same order with the same optimiser an
   cpt        continued pretraining: the next-token term alone
   rlp        the next-token term plus RLP (rlp.*, reward)
   rlp_plain  rlp on the plain transformer's base: what TTT-E2E adds to RLP
-Runs land in <out_dir>/<method>/, bases in <out_dir>/base_ttt/ and <out_dir>/base_plain/.
+Runs land in <out_dir>/<method>[_<tag>]/, bases in <out_dir>/base_ttt/ and <out_dir>/base_plain/, made
+once and reused by later compares into the same out_dir: an ablation is one more compare, e.g.
+    python pipelines/compare.py methods=[rlp] tag=g8 rlp.group_size=8
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tu
     """The pipeline that runs `method` (or makes a base) and its key=value overrides."""
     shared = {**{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
               **{f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()}, "data.tokenizer": tokenizer_dir}
-    common = [f"out_dir={cfg.out_dir}", f"run_name={method}", f"seed={cfg.seed}",
+    run_name = f"{method}_{cfg.tag}" if cfg.tag and not method.startswith("base_") else method
+    common = [f"out_dir={cfg.out_dir}", f"run_name={run_name}", f"seed={cfg.seed}",
               *(f"{k}={_value(v)}" for k, v in shared.items() if v is not None),
               f"train.task_problems={cfg.task_problems}", f"train.task_think_tokens={cfg.rlp.thought_max_tokens}",
               f"wandb.mode={cfg.wandb.mode}"]
@@ -91,6 +94,9 @@ def main(argv: list[str]) -> dict[str, dict]:
     summaries = {}
     order = run_order(cfg.methods)
     for i, method in enumerate(order, 1):
+        if method.startswith("base_") and (out / method / "model" / "config.json").is_file():
+            print(f"\n=== [{i}/{len(order)}] {method}: made by an earlier compare in {out / method}, reused")
+            continue
         pipeline, overrides = method_overrides(cfg, method, (out / "tokenizer").resolve())
         print(f"\n=== [{i}/{len(order)}] {method}: {pipeline.__name__.split('.')[-1]} {' '.join(overrides)}")
         summaries[method] = pipeline.main(overrides)

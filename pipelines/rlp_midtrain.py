@@ -114,7 +114,9 @@ def main(argv: list[str]) -> dict:
     finally:
         if started:
             ray.shutdown()
-    print(f"outputs in {run_dir}/: model/ (from_pretrained), checkpoints/, metrics.jsonl, base/, wandb/")
+    print(f"outputs in {run_dir}/: model/ (from_pretrained), checkpoints/, metrics.jsonl, thoughts.jsonl, base/, wandb/")
+    if "rlp/thinking" in summary:
+        print(summary["rlp/thinking"])
     return summary
 
 
@@ -185,12 +187,14 @@ def rlp_loop(cfg: RLPMidtrainConfig, learner, workers, loader: WindowLoader, log
         if step % t.log_every == 0 or "eval/bpb" in metrics:
             logger.log({**metrics, **timings}, step=step)
     tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
+    summary = {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
     if gains:
         k = max(1, len(gains) // 4)  # the first and last quarter of the steps, averaged: one step is noisy
         early, late = sum(gains[:k]) / k, sum(gains[-k:]) / k
-        tqdm.write(f"rlp/closed_frac {closed[0]:.2f} at the first step, {closed[-1]:.2f} at the last; mean information "
-                   f"gain {early:+.4f} -> {late:+.4f} nats (change {late - early:+.4f}, first and last {k} steps)")
-    return {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
+        summary["rlp/thinking"] = (f"rlp/closed_frac {closed[0]:.2f} at the first step, {closed[-1]:.2f} at the last; "
+                                   f"mean information gain {early:+.4f} -> {late:+.4f} nats (change {late - early:+.4f}, "
+                                   f"first and last {k} steps)")
+    return summary
 
 
 def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_step: bool) -> None:

@@ -305,6 +305,7 @@ class CompareConfig:
     windows_per_step: int = positive(16)  # cpt and rlp alike
     reward: str = "rlp_info_gain"
     rlp: RLPConfig = field(default_factory=RLPConfig)
+    tag: str = ""  # appended to the method runs' names (an ablation beside the main runs)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)

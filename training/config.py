@@ -173,7 +173,9 @@ class PretrainConfig:
     run_name: str = "ttt_pretrain"
     out_dir: str = "runs"
     seed: int = 0
-    resume: bool = False
+    # true: continue the run at out_dir/run_name (an error if there is none); false: start afresh
+    # (an earlier run of that name is moved aside); auto: continue it if it exists, else start.
+    resume: Any = _field(False, "must be true, false or auto", lambda v: v in (True, False, "auto"))
     device: str = one_of("auto", "auto", "cpu", "cuda")
     dtype: str = one_of("float32", "float32", "bfloat16")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -208,6 +210,10 @@ class RLPConfig:
     rlp_weight: float = non_negative(1.0)  # w_rlp
     ttt_weight: float = non_negative(1.0)  # λ: the next-token (TTT-E2E meta-learning) loss over the window
     max_staleness: int = positive(1)  # a rollout `max_staleness` versions older than the learner is dropped
+    # The run stops when more than max_dropped_frac of the rewards were dropped (raised, NaN,
+    # None) in each of max_dropped_steps consecutive steps.
+    max_dropped_frac: float = fraction(0.5, open_low=True)
+    max_dropped_steps: int = positive(3)
 
 
 @dataclass
@@ -225,6 +231,7 @@ class PretrainStageConfig:
     lr: float = positive(3e-3)
     batch_size: int = positive(16)
     eval_every: int = positive(100)
+    save_every: int = positive(100)  # checkpoints of the base pretraining (resume=true continues it)
 
 
 @dataclass

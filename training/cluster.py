@@ -49,5 +49,7 @@ def start_ray(address: str) -> bool:
         ray.init(address=address, runtime_env={"working_dir": str(ROOT), **env,
                                                "excludes": [".venv", "runs", ".cache", "wandb", ".git"]})
     else:  # a local cluster on this machine
-        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath(str(ROOT))}})
+        # address="local": a cluster of its own, never one that another `ray start` left on this machine
+        ray.init(address="local", include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath(str(ROOT))}})
     return True

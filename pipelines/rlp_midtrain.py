@@ -173,21 +173,18 @@ class RLPLoop:
             self.dropped_streak, self.first_drop = state["dropped_streak"], state["first_drop"]
         sync_weights(self.learner, self.workers)
 
-    def check_dropped(self, rollouts, step: int) -> float:
-        """The fraction of this step's rewards that were dropped; raises after too many bad steps."""
+    def check_dropped(self, frac: float, rollouts, step: int) -> None:
+        """Count steps whose dropped-reward fraction is over the limit; raise after too many in a row."""
         rlp = self.cfg.rlp
-        total = sum(r.positions for r in rollouts) * rlp.group_size
-        frac = sum(r.dropped for r in rollouts) / max(1, total)
         if frac <= rlp.max_dropped_frac:
             self.dropped_streak, self.first_drop = 0, ""
-            return frac
+            return
         self.dropped_streak += 1
         self.first_drop = self.first_drop or next((r.first_drop for r in rollouts if r.first_drop), "")
         if self.dropped_streak >= rlp.max_dropped_steps:
             raise DroppedRewardsError(
                 f"reward={self.cfg.reward} dropped more than rlp.max_dropped_frac={rlp.max_dropped_frac} of the rewards "
                 f"for {self.dropped_streak} steps in a row (to step {step}); the first drop: {self.first_drop}")
-        return frac
 
     def run(self, logger: MetricsLogger, start: int, first_extra: dict) -> dict:
         t, learner, workers = self.cfg.train, self.learner, self.workers
@@ -213,8 +210,10 @@ class RLPLoop:
                 with timed(timings, "eval"):
                     last_eval = ray.get(learner.evaluate.remote())
                 metrics.update(last_eval)
+            frac = sum(r.dropped for r in rollouts) / max(1, sum(r.positions for r in rollouts) * self.cfg.rlp.group_size)
+            metrics["rollouts/dropped_reward_frac"] = frac
             try:
-                metrics["rollouts/dropped_reward_frac"] = self.check_dropped(rollouts, step)
+                self.check_dropped(frac, rollouts, step)
             finally:  # the failing step's record is written too
                 if step % t.log_every == 0 or "eval/bpb" in metrics or self.dropped_streak:
                     logger.log({**metrics, **timings}, step=step)

@@ -231,3 +231,7 @@ if __name__ == "__main__":
     except DroppedRewardsError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except ray.exceptions.RayActorError as e:  # a learner or worker killed: the checkpoints stay whole
+        print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0]}; continue with the same command and "
+              "resume=true", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -61,3 +61,22 @@ def test_resaving_a_model_replaces_it_whole(tmp_path):
     save_model(second, tmp_path / "model")
     reloaded = PonderForCausalLM.from_pretrained(tmp_path / "model")
     assert torch.equal(reloaded.embed.weight, second.embed.weight)
+
+
+def test_a_resumed_logger_drops_records_past_the_checkpoint_and_continues_the_wandb_run(tmp_path, monkeypatch):
+    from training.metrics import MetricsLogger, read_metrics
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the test session disables wandb; this test needs its files
+
+    logger = MetricsLogger(tmp_path, wandb_mode="offline", run_name="r")
+    for step in range(5):
+        logger.log({"x": float(step)}, step=step)
+    first_id = logger._wandb.id
+    logger.close()
+    logger = MetricsLogger(tmp_path, wandb_mode="offline", run_name="r", resume_step=2)  # checkpoint at step 2
+    assert logger._wandb.id == first_id
+    logger.log({"x": 30.0}, step=3)
+    logger.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and all(p.name.endswith(first_id) for p in runs)  # one wandb run, written twice
+    assert [(r["step"], r["x"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 30.0)]

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from rollout.worker import RolloutWorker  # noqa: E402
 from training.checkpoint import checkpoint_step, check_model_dir, latest_checkpoint, rng_state, set_rng_state  # noqa: E402
 from training.cluster import start_ray  # noqa: E402
-from training.config import CONFIG_DIR, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
+from training.config import CONFIG_DIR, ConfigError, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
 from training.data import WindowLoader, prepare_data  # noqa: E402
 from training.learner import Learner  # noqa: E402
 from training.evaluate import TaskAccuracy  # noqa: E402
@@ -100,6 +100,10 @@ def main(argv: list[str]) -> dict:
     started = start_ray(cfg.ray_address)
     try:
         learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir, device)
+        if not ray.get(learner.sees.remote(str(run_dir / "config.yaml"))):
+            with config_errors_exit():
+                raise ConfigError(f"the learner runs on another node and cannot see {run_dir}: on several nodes "
+                                  "give out_dir=<a path on a filesystem every node sees>")
         loop = RLPLoop(cfg, learner, workers, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed))
         resumed = ray.get(learner.resume.remote()) if cfg.resume else None
         if resumed is not None:

@@ -159,3 +159,7 @@ class Learner:
 
     def get_version(self) -> int:
         return self.version
+
+    def sees(self, path: str) -> bool:
+        """Whether `path`, written by the driver, is visible here (on another node it needs shared storage)."""
+        return Path(path).exists()

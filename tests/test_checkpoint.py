@@ -78,5 +78,5 @@ def test_a_resumed_logger_drops_records_past_the_checkpoint_and_continues_the_wa
     logger.log({"x": 30.0}, step=3)
     logger.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert runs and all(p.name.endswith(first_id) for p in runs)  # one wandb run, written twice
+    assert len(runs) == 2 and all(f"-{first_id}" in p.name for p in runs)  # one wandb run, written twice
     assert [(r["step"], r["x"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 30.0)]

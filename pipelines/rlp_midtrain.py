@@ -7,7 +7,10 @@ trains L = w_rlp·L_RLP + λ·L_NTP with one backward through the inner loop.
     python pipelines/rlp_midtrain.py base=runs/ttt_pretrain/model     # start from a trained model
 
 With no `base` it first pretrains the configured model briefly (`pretrain.*`). Outputs in
-runs/<run_name>/: base/ (that pretraining), model/, checkpoints/, metrics.jsonl, wandb/.
+<out_dir>/<run_name>/ (out_dir=runs; under `ray job submit` ~/ponder/runs, see README): base/ (that
+pretraining), model/, checkpoints/, metrics.jsonl, wandb/. `resume=true` continues a killed run
+exactly where its last checkpoint left it, base pretraining included; `resume=auto` continues it
+or starts one.
 """
 
 from __future__ import annotations
@@ -15,63 +18,62 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout or a Ray working_dir
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a Ray working_dir
 
 import ray  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from rollout.worker import RolloutWorker  # noqa: E402
-from training.config import CONFIG_DIR, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
+from training.checkpoint import checkpoint_step, check_model_dir, latest_checkpoint, rng_state, set_rng_state  # noqa: E402
+from training.cluster import start_ray  # noqa: E402
+from training.config import CONFIG_DIR, ConfigError, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
 from training.data import WindowLoader, prepare_data  # noqa: E402
 from training.learner import Learner  # noqa: E402
 from training.evaluate import TaskAccuracy  # noqa: E402
 from training.metrics import MetricsLogger, read_metrics  # noqa: E402
-from training.run import parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
+from training.preflight import check_base, check_data_files, check_tokenizer_fits, tokenizer_beside  # noqa: E402
+from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
 from training.trainer import run_pretraining, timed  # noqa: E402
 
 
 CLOSED_FRAC_WARNING = 0.5  # below this share of self-closed thoughts at the first step, the base cannot think
 
 
-def start_ray(address: str) -> bool:
-    """Join or start a Ray cluster; True if this call started it (the caller then shuts it down)."""
-    if ray.is_initialized():
-        return False
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # under `ray job submit`: its working_dir ships the code
-        ray.init()
-    elif address:  # a running cluster: ship this checkout (not the venv or outputs)
-        ray.init(address=address, runtime_env={"working_dir": str(ROOT),
-                                               "excludes": [".venv", "runs", ".cache", "wandb", ".git"]})
-    else:  # a local cluster on this machine
-        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    return True
+class DroppedRewardsError(RuntimeError):
+    """Most rewards were dropped (raised, NaN, None) for several steps in a row: the run stops."""
 
 
 def pretrain_base(cfg: RLPMidtrainConfig, data, run_dir: Path, device) -> Path:
-    """A briefly pretrained base model (reused if this run already made one)."""
-    base_dir = run_dir / "base"
-    if (base_dir / "model" / "config.json").is_file():
-        print(f"using the base model pretrained earlier in {base_dir}")
-        return base_dir / "model"
-    p = cfg.pretrain
-    print(f"no base model given: pretraining {cfg.model.name} ({cfg.model.mode}) for {p.steps} steps "
-          f"(data.augment={p.augment}: {'worked solutions as thoughts, so the policy can think' if p.augment == 'think' else 'no thoughts'})")
+    """A briefly pretrained base model, checkpointed as it goes: a finished one is reused, a
+    killed one continues from its last checkpoint."""
+    base_dir, p = run_dir / "base", cfg.pretrain
+    last = latest_checkpoint(base_dir)
+    if last is not None and checkpoint_step(last) >= p.steps:
+        try:
+            check_model_dir(base_dir / "model")
+            print(f"using the base model pretrained earlier in {base_dir}")
+            return base_dir / "model"
+        except ValueError as e:
+            print(f"the base model pretrained earlier is unusable ({e}): pretraining it again")
+            last = None
+    print(f"no base model given: pretraining {cfg.model.name} ({cfg.model.mode}) for {p.steps} steps"
+          + (f", from step {checkpoint_step(last)}" if last is not None else "")
+          + (" on documents with worked solutions as thoughts (pretrain.augment=think), so the policy can think"
+             if p.augment == "think" else f" (pretrain.augment={p.augment})"))
+    base_data = dataclasses.replace(cfg.data, augment=p.augment)
     if p.augment != cfg.data.augment:  # the same corpus, split and tokenizer; thoughts in the train documents
-        data = prepare_data(dataclasses.replace(cfg.data, augment=p.augment, tokenizer=cfg.data.tokenizer or str(run_dir / "tokenizer")),
+        data = prepare_data(dataclasses.replace(base_data, tokenizer=cfg.data.tokenizer or str(run_dir / "tokenizer")),
                             run_dir, cfg.seed)
     pre = PretrainConfig(
         run_name="base", out_dir=str(run_dir), seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-        model=cfg.model, ttt=cfg.ttt, data=dataclasses.replace(cfg.data, augment=p.augment),
+        resume=last is not None, model=cfg.model, ttt=cfg.ttt, data=base_data,
         optim=dataclasses.replace(cfg.optim, lr=p.lr, end_lr=p.lr / 100, warmup_steps=min(30, p.steps)),
-        train=LoopConfig(steps=p.steps, batch_size=p.batch_size, eval_every=p.eval_every, save_every=p.steps,
-                         eval_windows=cfg.train.eval_windows, log_every=10),
+        train=LoopConfig(steps=p.steps, batch_size=p.batch_size, eval_every=p.eval_every,
+                         save_every=min(p.save_every, p.steps), eval_windows=cfg.train.eval_windows, log_every=10),
         wandb=WandbConfig(mode="disabled"),
     )
     run_pretraining(pre, data, base_dir, device)
@@ -81,10 +83,20 @@ def pretrain_base(cfg: RLPMidtrainConfig, data, run_dir: Path, device) -> Path:
 def main(argv: list[str]) -> dict:
     cfg = parse_config_or_exit(RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", argv)
     torch.manual_seed(cfg.seed)
-    run_dir = prepare_run_dir(cfg).resolve()
-    device = resolve_device(cfg.device)
-    data = prepare_data(cfg.data, run_dir, cfg.seed)
-    base = Path(cfg.base).resolve() if cfg.base else pretrain_base(cfg, data, run_dir, device)
+    with config_errors_exit():  # bad inputs named in one line, before Ray starts
+        device = resolve_device(cfg.device)
+        base = Path(cfg.base).expanduser().resolve() if cfg.base else None
+        check_data_files(cfg.data)
+        if base is not None:
+            check_base(base)
+            if not cfg.data.tokenizer and tokenizer_beside(base):  # the tokenizer the base was trained with
+                cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tokenizer_beside(base))))
+                print(f"using the tokenizer saved with the base: {cfg.data.tokenizer}")
+        run_dir = prepare_run_dir(cfg)
+        data = prepare_data(cfg.data, run_dir, cfg.seed)
+        if base is not None:
+            check_tokenizer_fits(base, data.tokenizer)
+    base = base or pretrain_base(cfg, data, run_dir, device)
     if cfg.train.data_tokens:  # steps follow from the corpus tokens to spend
         steps = max(1, math.ceil(cfg.train.data_tokens / (cfg.rollout.windows_per_step * cfg.data.seq_len)))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps),
@@ -98,17 +110,21 @@ def main(argv: list[str]) -> dict:
     started = start_ray(cfg.ray_address)
     try:
         learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir, device)
-        loader = WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed)
+        if not ray.get(learner.sees.remote(str(run_dir / "config.yaml"))):
+            with config_errors_exit():
+                raise ConfigError(f"the learner runs on another node and cannot see {run_dir}: on several nodes "
+                                  "give out_dir=<a path on a filesystem every node sees>")
+        loop = RLPLoop(cfg, learner, workers, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed))
         resumed = ray.get(learner.resume.remote()) if cfg.resume else None
         if resumed is not None:
-            loader.load_state_dict(resumed["loader"])
-            sync_weights(learner, workers)
+            loop.load_state_dict(resumed)
             print(f"resumed {run_dir} at version {resumed['version']}")
         logger = MetricsLogger(run_dir, config=dataclasses.asdict(cfg), wandb_mode=cfg.wandb.mode,
                                project=cfg.wandb.project, entity=cfg.wandb.entity, run_name=cfg.run_name,
                                resume_step=resumed["version"] if resumed else None)
         try:
-            summary = rlp_loop(cfg, learner, workers, loader, logger, start=resumed["version"] if resumed else 0)
+            summary = loop.run(logger, start=resumed["version"] if resumed else 0,
+                               first_extra={"data/docs_skipped": data.docs_skipped})
         finally:
             logger.close()
     finally:
@@ -151,50 +167,89 @@ def sync_weights(learner, workers) -> None:
     ray.get([w.load_weights.remote(policy, ema, version) for w in workers])
 
 
-def rlp_loop(cfg: RLPMidtrainConfig, learner, workers, loader: WindowLoader, logger: MetricsLogger, start: int) -> dict:
-    """One step: rollout -> reward (inside the workers) -> train -> sync [-> eval] [-> save]."""
-    t = cfg.train
-    first = ray.get(learner.evaluate.remote())
-    if start == 0:
-        logger.log(first, step=0)
-    tqdm.write(f"version {start}: held-out bpb {first['eval/bpb']:.4f}")
-    last_eval, metrics, gains, closed = first, {}, [], []
-    for step in tqdm(range(start + 1, t.steps + 1), desc="rlp", unit="step", initial=start, total=t.steps):
-        timings: dict[str, float] = {}
-        windows = loader.next_batch()
-        with timed(timings, "rollout"):  # none without the RLP term (continued pretraining)
-            rollouts = ray.get([w.rollout.remote(s) for w, s in zip(workers, windows.chunk(len(workers)))]
-                               if cfg.rlp.rlp_weight > 0 else [])
-        # Rewards are computed inside the workers; report their share of the rollout phase.
-        timings["timing_s/reward"] = max((r.timings["timing_s/reward"] for r in rollouts), default=0.0)
-        with timed(timings, "train"):
-            metrics = ray.get(learner.train_step.remote(rollouts, windows))
-        with timed(timings, "sync"):
-            sync_weights(learner, workers)
-        thought_tokens = sum(r.thought_tokens for r in rollouts)
-        metrics["perf/rollout_tokens_per_s"] = thought_tokens / timings["timing_s/rollout"]
-        log_thoughts(logger.path.parent, step, rollouts, metrics, first_step=step == start + 1)
-        if rollouts:
-            gains.append(metrics["rlp/reward_mean"])
-            closed.append(metrics["rlp/closed_frac"])
-        if step % t.eval_every == 0 or step == t.steps:
-            with timed(timings, "eval"):
-                last_eval = ray.get(learner.evaluate.remote())
-            metrics.update(last_eval)
-        if step % t.save_every == 0 or step == t.steps:
-            with timed(timings, "save"):
-                ray.get(learner.save.remote({"loader": loader.state_dict()}))
-        if step % t.log_every == 0 or "eval/bpb" in metrics:
-            logger.log({**metrics, **timings}, step=step)
-    tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
-    summary = {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
-    if gains:
-        k = max(1, len(gains) // 4)  # the first and last quarter of the steps, averaged: one step is noisy
-        early, late = sum(gains[:k]) / k, sum(gains[-k:]) / k
-        summary["rlp/thinking"] = (f"rlp/closed_frac {closed[0]:.2f} at the first step, {closed[-1]:.2f} at the last; "
-                                   f"mean information gain {early:+.4f} -> {late:+.4f} nats (change {late - early:+.4f}, "
-                                   f"first and last {k} steps)")
-    return summary
+class RLPLoop:
+    """One step: rollout -> reward (inside the workers) -> train -> sync [-> eval] [-> save].
+    Its state (the loader, the driver's and every worker's generators, the dropped-reward streak)
+    is checkpointed with the learner's, so a resumed run takes the steps an unkilled one takes."""
+
+    def __init__(self, cfg: RLPMidtrainConfig, learner, workers, loader: WindowLoader):
+        self.cfg, self.learner, self.workers, self.loader = cfg, learner, workers, loader
+        self.dropped_streak, self.first_drop = 0, ""  # consecutive steps over rlp.max_dropped_frac
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict(), "rng": rng_state(),
+                "workers": ray.get([w.rng_state.remote() for w in self.workers]),
+                "dropped_streak": self.dropped_streak, "first_drop": self.first_drop}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
+        if "rng" in state:  # checkpoints of older runs hold the loader only
+            set_rng_state(state["rng"])
+            ray.get([w.set_rng_state.remote(s) for w, s in zip(self.workers, state["workers"])])
+            self.dropped_streak, self.first_drop = state["dropped_streak"], state["first_drop"]
+        sync_weights(self.learner, self.workers)
+
+    def check_dropped(self, frac: float, rollouts, step: int) -> None:
+        """Count steps whose dropped-reward fraction is over the limit; raise after too many in a row."""
+        rlp = self.cfg.rlp
+        if frac <= rlp.max_dropped_frac:
+            self.dropped_streak, self.first_drop = 0, ""
+            return
+        self.dropped_streak += 1
+        self.first_drop = self.first_drop or next((r.first_drop for r in rollouts if r.first_drop), "")
+        if self.dropped_streak >= rlp.max_dropped_steps:
+            raise DroppedRewardsError(
+                f"reward={self.cfg.reward} dropped more than rlp.max_dropped_frac={rlp.max_dropped_frac} of the rewards "
+                f"for {self.dropped_streak} steps in a row (to step {step}); the first drop: {self.first_drop}")
+
+    def run(self, logger: MetricsLogger, start: int, first_extra: dict) -> dict:
+        t, learner, workers = self.cfg.train, self.learner, self.workers
+        first = ray.get(learner.evaluate.remote())
+        if start == 0:
+            logger.log({**first, **first_extra}, step=0)
+        tqdm.write(f"version {start}: held-out bpb {first['eval/bpb']:.4f}")
+        last_eval, metrics, gains, closed = first, {}, [], []
+        for step in tqdm(range(start + 1, t.steps + 1), desc="rlp", unit="step", initial=start, total=t.steps):
+            timings: dict[str, float] = {}
+            windows = self.loader.next_batch()
+            with timed(timings, "rollout"):  # none without the RLP term (continued pretraining)
+                rollouts = ray.get([w.rollout.remote(s) for w, s in zip(workers, windows.chunk(len(workers)))]
+                                   if self.cfg.rlp.rlp_weight > 0 else [])
+            # Rewards are computed inside the workers; report their share of the rollout phase.
+            timings["timing_s/reward"] = max((r.timings["timing_s/reward"] for r in rollouts), default=0.0)
+            with timed(timings, "train"):
+                metrics = ray.get(learner.train_step.remote(rollouts, windows))
+            with timed(timings, "sync"):
+                sync_weights(learner, workers)
+            thought_tokens = sum(r.thought_tokens for r in rollouts)
+            metrics["perf/rollout_tokens_per_s"] = thought_tokens / timings["timing_s/rollout"]
+            log_thoughts(logger.path.parent, step, rollouts, metrics, first_step=step == start + 1)
+            if rollouts:
+                gains.append(metrics["rlp/reward_mean"])
+                closed.append(metrics["rlp/closed_frac"])
+            if step % t.eval_every == 0 or step == t.steps:
+                with timed(timings, "eval"):
+                    last_eval = ray.get(learner.evaluate.remote())
+                metrics.update(last_eval)
+            frac = sum(r.dropped for r in rollouts) / max(1, sum(r.positions for r in rollouts) * self.cfg.rlp.group_size)
+            metrics["rollouts/dropped_reward_frac"] = frac
+            try:
+                self.check_dropped(frac, rollouts, step)
+            finally:  # the failing step's record is written too
+                if step % t.log_every == 0 or "eval/bpb" in metrics or self.dropped_streak:
+                    logger.log({**metrics, **timings}, step=step)
+            if step % t.save_every == 0 or step == t.steps:  # after the step's record: both survive a kill
+                logger.sync()
+                ray.get(learner.save.remote(self.state_dict()))
+        tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
+        summary = {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
+        if gains:
+            k = max(1, len(gains) // 4)  # the first and last quarter of the steps, averaged: one step is noisy
+            early, late = sum(gains[:k]) / k, sum(gains[-k:]) / k
+            summary["rlp/thinking"] = (f"rlp/closed_frac {closed[0]:.2f} at the first step, {closed[-1]:.2f} at the last; "
+                                       f"mean information gain {early:+.4f} -> {late:+.4f} nats (change {late - early:+.4f}, "
+                                       f"first and last {k} steps)")
+        return summary
 
 
 def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_step: bool) -> None:
@@ -211,4 +266,12 @@ def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except DroppedRewardsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ray.exceptions.RayActorError as e:  # a learner or worker killed: the checkpoints stay whole
+        print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0]}; continue with the same command and "
+              "resume=true", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from pipelines.rlp_midtrain import start_ray  # noqa: E402
+from training.cluster import start_ray  # noqa: E402
 from training.config import CONFIG_DIR, TPTAugmentConfig  # noqa: E402
 from training.data import build_embedded_corpus, clean_documents, load_documents  # noqa: E402
 from training.run import parse_config_or_exit  # noqa: E402

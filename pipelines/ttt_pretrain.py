@@ -21,15 +21,18 @@ import torch  # noqa: E402
 
 from training.config import CONFIG_DIR, PretrainConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
-from training.run import parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
+from training.preflight import check_data_files  # noqa: E402
+from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
 from training.trainer import run_pretraining  # noqa: E402
 
 
 def main(argv: list[str]) -> dict[str, float]:
     cfg = parse_config_or_exit(PretrainConfig, CONFIG_DIR / "ttt_pretrain.yaml", argv)
     torch.manual_seed(cfg.seed)
-    run_dir = prepare_run_dir(cfg)
-    data = prepare_data(cfg.data, run_dir, cfg.seed)
+    with config_errors_exit():  # bad inputs named in one line, before any training
+        check_data_files(cfg.data)
+        run_dir = prepare_run_dir(cfg)
+        data = prepare_data(cfg.data, run_dir, cfg.seed)
     summary = run_pretraining(cfg, data, run_dir, resolve_device(cfg.device))
     print(f"outputs in {run_dir}/: model/ (from_pretrained), checkpoints/, metrics.jsonl, tokenizer/, wandb/")
     return summary

@@ -143,23 +143,27 @@ def _report_once(reward: Reward, kind: str, msg: str, exc_info: bool = False) ->
         logger.warning("%s (reported once per reward)", msg, exc_info=exc_info)
 
 
-def score_group(reward: Reward, inp: RewardInput) -> tuple[list[float | None], int]:
+def score_group(reward: Reward, inp: RewardInput, why: list[str] | None = None) -> tuple[list[float | None], int]:
     """Score one group without ever raising on the reward's fault: (rewards, n_dropped).
 
     A reward that raises or returns the wrong number of values drops the whole group; a value
-    that is None, not a number, NaN or ±inf drops that one thought.
+    that is None, not a number, NaN or ±inf drops that one thought. `why`, when given, gets
+    one line per drop cause (the exception, or the bad value).
     """
     g = inp.group_size
+    why = [] if why is None else why
     try:
         out = reward(inp)
         if isinstance(out, (str, bytes)):  # iterable, but never a list of rewards
             raise TypeError(f"returned {type(out).__name__}, not a sequence of floats")
         values = list(out)
-    except Exception:
+    except Exception as e:
         _report_once(reward, "raised", f"reward {reward.name!r} raised; dropping its groups", exc_info=True)
+        why.append(f"{type(e).__name__}: {e}")
         return [None] * g, g
     if len(values) != g:
         _report_once(reward, "length", f"reward {reward.name!r} returned {len(values)} values for {g} thoughts")
+        why.append(f"returned {len(values)} values for {g} thoughts")
         return [None] * g, g
     rewards: list[float | None] = []
     for v in values:
@@ -168,6 +172,8 @@ def score_group(reward: Reward, inp: RewardInput) -> tuple[list[float | None], i
         except (TypeError, ValueError):
             r = None
         rewards.append(r if r is not None and math.isfinite(r) else None)
+        if rewards[-1] is None:
+            why.append(f"returned {v!r}, not a finite number")
     return rewards, sum(r is None for r in rewards)
 
 

@@ -39,6 +39,7 @@ class Rollouts:
     samples: list[ThoughtSample]
     rewards: list[float]  # every kept reward
     dropped: int = 0  # thoughts whose reward raised, was NaN or None
+    first_drop: str = ""  # why the first of them was dropped (the exception, or the value)
     positions: int = 0
     thought_tokens: int = 0
     context_tokens: int = 0  # tokens prefilled by the policy (FLOPs accounting)
@@ -106,6 +107,20 @@ class RolloutWorker:
             raise NotImplementedError("weights() reads the torch engine's model only")
         return {k: v.detach().clone() for k, v in self.policy.model.state_dict().items()}
 
+    def rng_state(self) -> dict:
+        """The generators a rollout draws from (positions, sampling), for an exact resume."""
+        state = {"positions": self.generator.get_state()}
+        for name, engine in (("policy", self.policy), ("teacher", self.teacher)):
+            if isinstance(engine, TorchEngine):
+                state[name] = engine.generator.get_state()
+        return state
+
+    def set_rng_state(self, state: dict) -> None:
+        self.generator.set_state(state["positions"])
+        for name, engine in (("policy", self.policy), ("teacher", self.teacher)):
+            if name in state:
+                engine.generator.set_state(state[name])
+
     def rollout(self, windows: torch.Tensor) -> Rollouts:
         """windows: [N, T+1] token windows; one group of G thoughts per chosen position."""
         cfg, out = self.cfg, Rollouts(version=self.version, samples=[], rewards=[])
@@ -135,8 +150,10 @@ class RolloutWorker:
                 logp_with_thought=group.logp_next_with_thought, logp_no_thought_ema=None if ema is None else ema[i],
                 logp_no_thought_policy=group.logp_next_no_thought,
             )
-            rewards, dropped = score_group(self.reward, inp)
+            why: list[str] = []
+            rewards, dropped = score_group(self.reward, inp, why)
             out.dropped += dropped
+            out.first_drop = out.first_drop or (why[0] if why else "")
             for thought, logprobs, r, a in zip(group.thoughts, group.thought_logprobs, rewards, group_advantages(rewards)):
                 if a is None or not math.isfinite(a):
                     continue

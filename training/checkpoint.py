@@ -1,11 +1,15 @@
-"""Checkpoints under <run dir>/checkpoints/step_<N>/, written atomically: a step directory either
-holds a whole checkpoint or does not exist, so a run killed mid-save resumes from the last one."""
+"""Checkpoints under <run dir>/checkpoints/step_<N>/ and model directories (save_pretrained),
+both written atomically: into a temporary directory beside the final one, then renamed, so a
+directory either holds a whole checkpoint or does not exist. Loading checks what it reads: a
+truncated newest checkpoint is named in a warning and the one before it is used."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename tmp to final, moving an existing final aside first (rename cannot replace a
+    non-empty directory); a kill in between leaves <final>.old, which load_model_dir restores."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write `state` (anything torch.save takes) as step_<step>; keep the newest `keep`."""
     root = Path(run_dir) / "checkpoints"
@@ -37,17 +59,24 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
-    with open(tmp / "state.pt", "rb") as f:
-        os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    _fsync_tree(tmp)
+    _replace_dir(tmp, final)
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """This run's checkpoints, oldest first."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    steps = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+    steps = checkpoints(run_dir)
     return steps[-1] if steps else None
 
 
@@ -57,3 +86,58 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path / 'state.pt'})")
     # Our own files: optimiser and RNG states are not plain tensors.
     return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+def load_latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads, newest first; each one that does not is named in a warning."""
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except Exception as e:  # truncated or corrupt: torch says why, we say which file
+            warnings.warn(f"checkpoint {path / 'state.pt'} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
+                          "using the one before it", stacklevel=2)
+    return None
+
+
+# ---- model directories ---------------------------------------------------------------------------
+
+
+def save_model(model, path: str | Path) -> Path:
+    """model.save_pretrained(path), atomically."""
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    _fsync_tree(tmp)
+    _replace_dir(tmp, final)
+    return final
+
+
+def check_model_dir(path: str | Path) -> None:
+    """Raise ValueError naming what is wrong unless `path` holds a whole save_pretrained model:
+    a parseable config.json and every weight file it needs, each readable to its end."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():  # killed between the two renames of save_model
+        os.replace(old, path)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a directory")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path / 'config.json'} is missing or not JSON ({e})") from None
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"{path} holds no model.safetensors (a save_pretrained model directory has one)")
+    for name in files:
+        try:
+            with safe_open(str(path / name), "pt") as f:
+                f.keys()
+        except Exception as e:
+            raise ValueError(f"weights file {path / name} is unreadable ({e})") from None

@@ -195,7 +195,9 @@ class PretrainConfig:
     run_name: str = "ttt_pretrain"
     out_dir: str = "runs"
     seed: int = 0
-    resume: bool = False
+    # true: continue the run at out_dir/run_name (an error if there is none); false: start afresh
+    # (an earlier run of that name is moved aside); auto: continue it if it exists, else start.
+    resume: Any = _field(False, "must be true, false or auto", lambda v: v in (True, False, "auto"))
     device: str = one_of("auto", "auto", "cpu", "cuda")
     dtype: str = one_of("float32", "float32", "bfloat16")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -232,6 +234,10 @@ class RLPConfig:
     rlp_weight: float = non_negative(1.0)  # w_rlp
     ttt_weight: float = non_negative(1.0)  # λ: the next-token (TTT-E2E meta-learning) loss over the window
     max_staleness: int = positive(1)  # a rollout `max_staleness` versions older than the learner is dropped
+    # The run stops when more than max_dropped_frac of the rewards were dropped (raised, NaN,
+    # None) in each of max_dropped_steps consecutive steps.
+    max_dropped_frac: float = fraction(0.5, open_low=True)
+    max_dropped_steps: int = positive(3)
 
 
 @dataclass
@@ -249,8 +255,9 @@ class PretrainStageConfig:
     lr: float = positive(3e-3)
     batch_size: int = positive(16)
     eval_every: int = positive(100)
-    # The base's documents: think puts each worked solution as a thought before the answer, so
-    # the policy starts out writing thoughts and closing them (see data.augment).
+    save_every: int = positive(100)  # checkpoints of the base pretraining (resume=true continues it)
+    # The base's documents: think inserts each worked solution as a thought, so the policy
+    # starts out writing thoughts and closing them (see data.augment).
     augment: str = one_of("think", "none", "tpt", "think")
 
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from training import arithmetic
-from training.config import DEFAULT_TASKS, DataConfig
+from training.config import DEFAULT_TASKS, ConfigError, DataConfig
 from training.tokenizer import load_or_train_tokenizer, token_byte_lengths
 
 # Bump when the document format or the generation recipe changes, so old caches are not reused.
@@ -358,9 +358,13 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, seed: int) -> PreparedDat
     if skipped:
         print(f"skipped {skipped} empty or malformed documents (data/docs_skipped)")
     train, heldout = split_documents(docs, cfg.heldout_fraction, seed, text_field=cfg.text_field)
-    tokenizer = load_or_train_tokenizer(
-        Path(cfg.tokenizer or Path(run_dir) / "tokenizer"), lambda: train[cfg.text_field], cfg.vocab_size
-    )
+    for name, part in (("train", train), ("held-out", heldout)):
+        if len(part) == 0:
+            raise ConfigError(f"the {name} split is empty ({len(docs)} documents, data.heldout_fraction="
+                              f"{cfg.heldout_fraction}): give more documents or change data.heldout_fraction")
+    tokenizer_dir = Path(cfg.tokenizer or Path(run_dir) / "tokenizer")
+    fresh_tokenizer = not (tokenizer_dir / "tokenizer.json").is_file()
+    tokenizer = load_or_train_tokenizer(tokenizer_dir, lambda: train[cfg.text_field], cfg.vocab_size)
     eos = tokenizer.eos_token_id
     train_ids = tokenize_documents(tokenizer, train[cfg.text_field])
     mask = None
@@ -376,10 +380,22 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, seed: int) -> PreparedDat
                      for i, (ids, t) in enumerate(zip(train_ids, thinking))]
         train_ids = [ids for ids, _ in pairs]
         mask = pack_documents([m for _, m in pairs], 0, cfg.seq_len).bool()
+    split = "train"
+    try:
+        train_windows = pack_documents(train_ids, eos, cfg.seq_len)
+        split = "held-out"
+        heldout_windows = pack_documents(tokenize_documents(tokenizer, heldout[cfg.text_field]), eos, cfg.seq_len)
+    except ValueError as e:
+        if fresh_tokenizer:  # trained for a run that cannot start: do not leave it to be reused
+            shutil.rmtree(tokenizer_dir, ignore_errors=True)
+        if split != "held-out":
+            raise ConfigError(f"the train split is too small: {e}; give more documents") from None
+        raise ConfigError(f"the held-out split ({len(heldout)} documents) is too small: {e}; raise "
+                          f"data.heldout_fraction (now {cfg.heldout_fraction}) or lower data.seq_len") from None
     return PreparedData(
         tokenizer,
-        pack_documents(train_ids, eos, cfg.seq_len),
-        pack_documents(tokenize_documents(tokenizer, heldout[cfg.text_field]), eos, cfg.seq_len),
+        train_windows,
+        heldout_windows,
         heldout,
         token_byte_lengths(tokenizer),
         skipped,

@@ -20,7 +20,7 @@ import torch
 
 from models.hf import flops_per_token, is_ttt, next_token_loss
 from rollout.worker import Rollouts
-from training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, save_model, set_rng_state
 from training.data import split_window
 from training.evaluate import heldout_bpb
 from training.losses import rlp_policy_loss, thought_batch
@@ -143,18 +143,19 @@ class Learner:
 
     # ------------------------------------------------------------------------------- checkpoint
     def save(self, extra: dict | None = None) -> str:
+        """`extra`: the driver's own state (loader, RNGs, the workers' generators), saved with ours."""
         state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "version": self.version, "counters": self.counters, "rng": rng_state(), "extra": extra or {}}
         path = save_checkpoint(self.run_dir, self.version, state)
-        self.model.save_pretrained(self.run_dir / "model")
+        save_model(self.model, self.run_dir / "model")
         return str(path)
 
     def resume(self) -> dict | None:
-        """Load this run's newest checkpoint; returns the extra state saved with it, or None."""
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
+        """Load this run's newest readable checkpoint; returns the extra state saved with it, or None."""
+        found = load_latest_checkpoint(self.run_dir)
+        if found is None:
             return None
-        state = load_checkpoint(path)
+        state = found[1]
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -164,3 +165,7 @@ class Learner:
 
     def get_version(self) -> int:
         return self.version
+
+    def sees(self, path: str) -> bool:
+        """Whether `path`, written by the driver, is visible here (on another node it needs shared storage)."""
+        return Path(path).exists()

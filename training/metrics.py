@@ -25,16 +25,21 @@ class MetricsLogger:
         self._file = open(self.path, "w", buffering=1)
         for record in kept:
             self._file.write(json.dumps(record) + "\n")
-        resume = resume_step is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._wandb = None
         if wandb_mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
+            # A resumed run continues the wandb run it started (its id is kept beside the metrics).
+            id_file = Path(run_dir) / "wandb_run_id"
+            run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
             self._wandb = wandb.init(
                 project=project, entity=entity or None, name=run_name, dir=str(run_dir), mode=wandb_mode,
-                config=config, resume="allow" if resume else None,
+                config=config, id=run_id, resume="allow" if run_id else None,
             )
+            id_file.write_text(self._wandb.id)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
@@ -45,6 +50,12 @@ class MetricsLogger:
             for k, v in clean.items():  # lists (eval/loss_by_position) as one key per entry
                 flat.update({f"{k}/{i}": x for i, x in enumerate(v)} if isinstance(v, list) else {k: v})
             self._wandb.log(flat, step=step)
+
+    def sync(self) -> None:
+        """Make every record logged so far durable (called before a checkpoint is written, so a
+        checkpoint never exists without its step's record)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()

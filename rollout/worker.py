@@ -126,12 +126,14 @@ class RolloutWorker:
         cfg, out = self.cfg, Rollouts(version=self.version, samples=[], rewards=[])
         start = time.perf_counter()
         contexts, nexts, targets = [], [], []
-        entropy = None
+        seq_len, k = windows.shape[1] - 1, cfg.positions_per_window
         if cfg.position_sampling == "entropy":  # H of the teacher's next-token distribution at every t
             entropy = torch.cat([torch.zeros(len(windows), 1), self.teacher.next_token_entropy(windows[:, :-1])], 1)
-        for w, window in enumerate(windows.tolist()):
-            weights = None if entropy is None else entropy[w]
-            for t in choose_positions(len(window) - 1, cfg.positions_per_window, cfg.min_context, self.generator, weights):
+            positions = [choose_positions(seq_len, k, cfg.min_context, self.generator, e) for e in entropy]
+        else:  # one uniform draw for the whole batch: contexts of one length are thought about together
+            positions = [choose_positions(seq_len, k, cfg.min_context, self.generator)] * len(windows)
+        for window, chosen in zip(windows.tolist(), positions):
+            for t in chosen:
                 contexts.append(window[:t])
                 nexts.append(window[t])
                 targets.append(window[t : t + TARGET_TOKENS])

@@ -48,21 +48,24 @@ def logprobs_of(model, ids):
 
 
 def assert_close(actual, expected):
+    """float32 agreement; batching contexts changes matmul reduction order, which TTT-E2E's inner
+    updates (on embeddings scaled by 10) carry to ~2e-5."""
     torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float32),
-                               torch.as_tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+                               torch.as_tensor(expected, dtype=torch.float32), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_think_matches_independent_forwards(mode):
     model = tiny(mode)
-    contexts = [random_ids(8, 1), random_ids(5, 2), random_ids(13, 3)]  # 8: the context ends a TTT chunk
-    next_tokens = [3, 17, 41]
+    # 8: the context ends a TTT chunk; the two of length 8 are read and decoded in one batch.
+    contexts = [random_ids(8, 1), random_ids(5, 2), random_ids(13, 3), random_ids(8, 4)]
+    next_tokens = [3, 17, 41, 9]
     # </think> := the most likely token after the first context's <think>, so some thoughts stop early.
     close = logprobs_of(model, contexts[0] + [OPEN])[-1, :OPEN].argmax().item()
     temperature, max_new = 0.5, 6
     groups = TorchEngine(model, seed=0).think(contexts, next_tokens, n=8, max_new_tokens=max_new,
                                               temperature=temperature, top_p=0.95, think_open=OPEN, think_close=close)
-    assert len(groups) == 3
+    assert len(groups) == 4
     lengths = []
     for context, next_token, group in zip(contexts, next_tokens, groups):
         assert_close(group.logp_next_no_thought, logprobs_of(model, context)[-1, next_token])
@@ -247,3 +250,28 @@ def test_load_weights():
     assert_close(engine.score(sequences, targets), [logprobs_of(other, s)[-1, t] for s, t in zip(sequences, targets)])
     with pytest.raises(RuntimeError):  # strict: a partial state dict is refused
         engine.load_weights({k: v for k, v in other.state_dict().items() if k != "embed.weight"}, version=4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_contexts_of_one_length_are_read_and_decoded_together(mode):
+    model = tiny(mode)
+    fed = []
+    forward = model.forward
+
+    def counting_forward(input_ids, *args, **kwargs):
+        fed.append(input_ids.shape)
+        return forward(input_ids, *args, **kwargs)
+
+    contexts = [random_ids(9, s) for s in range(5)] + [random_ids(6, 9)]
+    kw = dict(n=3, max_new_tokens=4, temperature=0.0, top_p=1.0, think_open=OPEN, think_close=49)
+    alone = [TorchEngine(model, seed=0).think([c], [i], **kw)[0] for i, c in enumerate(contexts)]
+    model.forward = counting_forward
+    together = TorchEngine(model, seed=0).think(contexts, list(range(len(contexts))), **kw)
+    prefills = sorted(tuple(shape) for shape in fed if shape[1] > 1)
+    assert prefills == [(1, 6), (5, 9)]  # one prefill per length
+    assert max(shape[0] for shape in fed) == 5 * 3  # one decode batch of B·n rows
+    for a, b in zip(alone, together):  # greedy: the batch changes nothing
+        assert a.thoughts == b.thoughts and a.truncated == b.truncated
+        assert_close(b.thought_logprobs[0], a.thought_logprobs[0])
+        assert_close(b.logp_next_with_thought, a.logp_next_with_thought)
+        assert_close(b.logp_next_no_thought, a.logp_next_no_thought)

@@ -16,7 +16,6 @@ or starts one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
@@ -25,26 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import ray  # noqa: E402
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
+from rollout.pool import AllWorkersFailed, RolloutPool  # noqa: E402
 from rollout.worker import RolloutWorker  # noqa: E402
-from training.checkpoint import checkpoint_step, check_model_dir, latest_checkpoint, rng_state, set_rng_state  # noqa: E402
+from training.checkpoint import checkpoint_step, check_model_dir, latest_checkpoint  # noqa: E402
 from training.cluster import start_ray  # noqa: E402
 from training.config import CONFIG_DIR, ConfigError, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
 from training.data import WindowLoader, prepare_data  # noqa: E402
 from training.learner import Learner  # noqa: E402
 from training.evaluate import TaskAccuracy  # noqa: E402
 from training.metrics import MetricsLogger, read_metrics  # noqa: E402
+from training.rlp_loop import DroppedRewardsError, RLPLoop  # noqa: E402
 from training.preflight import check_base, check_data_files, check_tokenizer_fits, tokenizer_beside  # noqa: E402
 from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
-from training.trainer import run_pretraining, timed  # noqa: E402
-
-
-CLOSED_FRAC_WARNING = 0.5  # below this share of self-closed thoughts at the first step, the base cannot think
-
-
-class DroppedRewardsError(RuntimeError):
-    """Most rewards were dropped (raised, NaN, None) for several steps in a row: the run stops."""
+from training.trainer import run_pretraining  # noqa: E402
 
 
 def pretrain_base(cfg: RLPMidtrainConfig, data, run_dir: Path, device) -> Path:
@@ -114,7 +107,8 @@ def main(argv: list[str]) -> dict:
             with config_errors_exit():
                 raise ConfigError(f"the learner runs on another node and cannot see {run_dir}: on several nodes "
                                   "give out_dir=<a path on a filesystem every node sees>")
-        loop = RLPLoop(cfg, learner, workers, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed))
+        pool = RolloutPool(workers, cfg.rollout.timeout_s)
+        loop = RLPLoop(cfg, learner, pool, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed))
         resumed = ray.get(learner.resume.remote()) if cfg.resume else None
         if resumed is not None:
             loop.load_state_dict(resumed)
@@ -147,7 +141,8 @@ def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, ru
     learner = ray.remote(num_cpus=1)(Learner).remote(
         cfg, str(base), str(run_dir), data.heldout_windows, data.token_bytes, tok.convert_tokens_to_ids("<think>"),
         tok.pad_token_id, str(device), task_eval, base_counters(base))
-    workers = [ray.remote(num_cpus=0.5)(RolloutWorker).remote(str(base), tokenizer_dir, cfg.rlp, cfg.reward,
+    # A worker whose process dies is started again by Ray; the pool gives it the current weights.
+    workers = [ray.remote(num_cpus=0.5, max_restarts=-1)(RolloutWorker).remote(str(base), tokenizer_dir, cfg.rlp, cfg.reward,
                                                               cfg.seed * 1000 + i, "cpu", engine=cfg.rollout.engine)
                for i in range(cfg.rollout.num_workers)]
     return learner, workers
@@ -162,113 +157,10 @@ def base_counters(base: Path) -> dict[str, float]:
     return {k: last[k] for k in ("tokens/data", "flops/total") if k in last}
 
 
-def sync_weights(learner, workers) -> None:
-    policy, ema, version = learner.weights.options(num_returns=3).remote()  # into the object store once
-    ray.get([w.load_weights.remote(policy, ema, version) for w in workers])
-
-
-class RLPLoop:
-    """One step: rollout -> reward (inside the workers) -> train -> sync [-> eval] [-> save].
-    Its state (the loader, the driver's and every worker's generators, the dropped-reward streak)
-    is checkpointed with the learner's, so a resumed run takes the steps an unkilled one takes."""
-
-    def __init__(self, cfg: RLPMidtrainConfig, learner, workers, loader: WindowLoader):
-        self.cfg, self.learner, self.workers, self.loader = cfg, learner, workers, loader
-        self.dropped_streak, self.first_drop = 0, ""  # consecutive steps over rlp.max_dropped_frac
-
-    def state_dict(self) -> dict:
-        return {"loader": self.loader.state_dict(), "rng": rng_state(),
-                "workers": ray.get([w.rng_state.remote() for w in self.workers]),
-                "dropped_streak": self.dropped_streak, "first_drop": self.first_drop}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state["loader"])
-        if "rng" in state:  # checkpoints of older runs hold the loader only
-            set_rng_state(state["rng"])
-            ray.get([w.set_rng_state.remote(s) for w, s in zip(self.workers, state["workers"])])
-            self.dropped_streak, self.first_drop = state["dropped_streak"], state["first_drop"]
-        sync_weights(self.learner, self.workers)
-
-    def check_dropped(self, frac: float, rollouts, step: int) -> None:
-        """Count steps whose dropped-reward fraction is over the limit; raise after too many in a row."""
-        rlp = self.cfg.rlp
-        if frac <= rlp.max_dropped_frac:
-            self.dropped_streak, self.first_drop = 0, ""
-            return
-        self.dropped_streak += 1
-        self.first_drop = self.first_drop or next((r.first_drop for r in rollouts if r.first_drop), "")
-        if self.dropped_streak >= rlp.max_dropped_steps:
-            raise DroppedRewardsError(
-                f"reward={self.cfg.reward} dropped more than rlp.max_dropped_frac={rlp.max_dropped_frac} of the rewards "
-                f"for {self.dropped_streak} steps in a row (to step {step}); the first drop: {self.first_drop}")
-
-    def run(self, logger: MetricsLogger, start: int, first_extra: dict) -> dict:
-        t, learner, workers = self.cfg.train, self.learner, self.workers
-        first = ray.get(learner.evaluate.remote())
-        if start == 0:
-            logger.log({**first, **first_extra}, step=0)
-        tqdm.write(f"version {start}: held-out bpb {first['eval/bpb']:.4f}")
-        last_eval, metrics, gains, closed = first, {}, [], []
-        for step in tqdm(range(start + 1, t.steps + 1), desc="rlp", unit="step", initial=start, total=t.steps):
-            timings: dict[str, float] = {}
-            windows = self.loader.next_batch()
-            with timed(timings, "rollout"):  # none without the RLP term (continued pretraining)
-                rollouts = ray.get([w.rollout.remote(s) for w, s in zip(workers, windows.chunk(len(workers)))]
-                                   if self.cfg.rlp.rlp_weight > 0 else [])
-            # Rewards are computed inside the workers; report their share of the rollout phase.
-            timings["timing_s/reward"] = max((r.timings["timing_s/reward"] for r in rollouts), default=0.0)
-            with timed(timings, "train"):
-                metrics = ray.get(learner.train_step.remote(rollouts, windows))
-            with timed(timings, "sync"):
-                sync_weights(learner, workers)
-            thought_tokens = sum(r.thought_tokens for r in rollouts)
-            metrics["perf/rollout_tokens_per_s"] = thought_tokens / timings["timing_s/rollout"]
-            log_thoughts(logger.path.parent, step, rollouts, metrics, first_step=step == start + 1)
-            if rollouts:
-                gains.append(metrics["rlp/reward_mean"])
-                closed.append(metrics["rlp/closed_frac"])
-            if step % t.eval_every == 0 or step == t.steps:
-                with timed(timings, "eval"):
-                    last_eval = ray.get(learner.evaluate.remote())
-                metrics.update(last_eval)
-            frac = sum(r.dropped for r in rollouts) / max(1, sum(r.positions for r in rollouts) * self.cfg.rlp.group_size)
-            metrics["rollouts/dropped_reward_frac"] = frac
-            try:
-                self.check_dropped(frac, rollouts, step)
-            finally:  # the failing step's record is written too
-                if step % t.log_every == 0 or "eval/bpb" in metrics or self.dropped_streak:
-                    logger.log({**metrics, **timings}, step=step)
-            if step % t.save_every == 0 or step == t.steps:  # after the step's record: both survive a kill
-                logger.sync()
-                ray.get(learner.save.remote(self.state_dict()))
-        tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
-        summary = {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
-        if gains:
-            k = max(1, len(gains) // 4)  # the first and last quarter of the steps, averaged: one step is noisy
-            early, late = sum(gains[:k]) / k, sum(gains[-k:]) / k
-            summary["rlp/thinking"] = (f"rlp/closed_frac {closed[0]:.2f} at the first step, {closed[-1]:.2f} at the last; "
-                                       f"mean information gain {early:+.4f} -> {late:+.4f} nats (change {late - early:+.4f}, "
-                                       f"first and last {k} steps)")
-        return summary
-
-
-def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_step: bool) -> None:
-    """Append the step's example thoughts to thoughts.jsonl (the report's table), and warn loudly
-    when the base cannot think: RLP's reward needs thoughts the policy closes itself."""
-    examples = [e for r in rollouts for e in r.examples]
-    if examples:
-        with open(Path(run_dir) / "thoughts.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "examples": examples}) + "\n")
-    if first_step and metrics.get("rlp/closed_frac", 1.0) < CLOSED_FRAC_WARNING:
-        tqdm.write(f"WARNING: the policy closed only {metrics['rlp/closed_frac']:.0%} of its thoughts at the first step: "
-                   "the base cannot think, and RLP's information gain will be strongly negative. Start from a base "
-                   "trained on thoughts (leave base= empty, pretrain.augment=think) or raise rlp.thought_max_tokens.")
-
-
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except DroppedRewardsError as e:
+    except (DroppedRewardsError, AllWorkersFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except ray.exceptions.RayActorError as e:  # a learner or worker killed: the checkpoints stay whole

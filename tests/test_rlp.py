@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import PonderConfig, PonderForCausalLM
 from rewards import RewardInput, get_reward
@@ -48,6 +49,23 @@ def test_clipped_surrogate_by_hand():
         expected = -torch.minimum(r * a, r.clamp(0.8, 1.2) * a).mean()
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
         assert stats["rlp/clip_frac"] == pytest.approx(0.5)
+
+
+def test_is_cap_bounds_a_stale_tokens_weight():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 7, requires_grad=True)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    mask = torch.tensor([[False, True, True, False]])
+    logp = F.log_softmax(logits.detach() / 0.5, -1)
+    next_ids = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+    old = logp.gather(-1, next_ids[..., None])[..., 0] - 3.0  # sampled by a policy that found them far less likely
+    adv = torch.tensor([-1.0])
+    capped, _ = rlp_policy_loss(logits, ids, mask, old, adv, 0.5, 0.2, 0.2, is_cap=2.0)
+    uncapped, _ = rlp_policy_loss(logits, ids, mask, old, adv, 0.5, 0.2, 0.2)
+    assert capped.item() == pytest.approx(2.0)  # -mean(min(2·(-1), 1.2·(-1))) = 2
+    assert uncapped.item() == pytest.approx(float(torch.exp(torch.tensor(3.0))), rel=1e-5)  # e^3: unbounded
+    capped.backward()
+    assert logits.grad.abs().sum() == 0  # at the cap the stale tokens push nothing
 
 
 def test_ema_lags_as_tau_says(tmp_path):
@@ -117,7 +135,7 @@ def test_unknown_reward_fails_at_start_listing_the_registered_ones():
 
 def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
     ray = ray_cluster
-    from pipelines.rlp_midtrain import sync_weights
+    from rollout.pool import RolloutPool
     from rollout.worker import RolloutWorker
     from training.learner import Learner
     from training.tokenizer import train_tokenizer
@@ -138,6 +156,7 @@ def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
     workers = [ray.remote(RolloutWorker).options(num_cpus=0.5).remote(str(tmp_path / "base"), str(tmp_path / "tok"),
                                                                        cfg.rlp, cfg.reward, i) for i in range(2)]
     windows = torch.randint(5, len(tok), (4, 25))
+    pool = RolloutPool(workers, timeout_s=120)
     first_batch = None
     for step in range(3):
         rollouts = ray.get([w.rollout.remote(s) for w, s in zip(workers, windows.chunk(2))])
@@ -150,13 +169,19 @@ def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
         # Synchronous: the learner's log-probs of the thoughts are the engine's (ratio 1, no clip),
         # fast weights included.
         assert metrics["rlp/ratio_mean"] == pytest.approx(1.0, abs=1e-4) and metrics["rlp/clip_frac"] == 0
-        sync_weights(learner, workers)
+        last_batch = rollouts
+        pool.sync(learner)
     assert ray.get(learner.get_version.remote()) == 3
     learner_weights = ray.get(learner.weights.remote())[0]
     for w in workers:
         for name, tensor in ray.get(w.weights.remote()).items():
             assert torch.equal(tensor, learner_weights[name]), name
     # A batch sampled at version 0 is 3 versions old: with max_staleness=1 it is dropped.
+    # One version behind (what asynchronous rollouts give): trained on, the ratio away from 1.
+    metrics = ray.get(learner.train_step.remote(last_batch, windows))
+    assert metrics["sync/version_lag"] == 1 and metrics["rollouts/dropped_stale"] == 0 and metrics["rlp/samples"] == 12
+    assert metrics["rlp/ratio_mean"] != pytest.approx(1.0, abs=1e-6)
+    # Sampled at version 0, now 4 versions old: past max_staleness=1, dropped and counted.
     metrics = ray.get(learner.train_step.remote(first_batch, windows))
     assert metrics["rollouts/dropped_stale"] == sum(len(r.samples) for r in first_batch)
     assert "rlp/clip_frac" not in metrics  # no policy-gradient term without fresh samples

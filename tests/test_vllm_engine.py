@@ -212,7 +212,7 @@ def test_a_ponder_model_is_refused_naming_the_torch_engine(tmp_path):
 @needs_vllm
 def test_two_rlp_steps_on_ray_with_a_vllm_worker(ray_cluster, base, tok, tmp_path):
     ray = ray_cluster
-    from pipelines.rlp_midtrain import sync_weights
+    from rollout.pool import RolloutPool
     from rollout.worker import RolloutWorker
     from training.learner import Learner
 
@@ -236,7 +236,7 @@ def test_two_rlp_steps_on_ray_with_a_vllm_worker(ray_cluster, base, tok, tmp_pat
         assert metrics["rlp/samples"] == 6
         # Synchronous: the learner's log-probs of vLLM's thoughts are vLLM's own (ratio 1, no clip).
         assert metrics["rlp/ratio_mean"] == pytest.approx(1.0, abs=TOL) and metrics["rlp/clip_frac"] == 0
-        sync_weights(learner, [worker])
+        RolloutPool([worker], timeout_s=300).sync(learner)
     assert ray.get(learner.get_version.remote()) == ray.get(worker.__ray_call__.remote(lambda w: w.version)) == 2
     # The worker's vLLM now scores with the learner's weights, which moved away from the base.
     sequences, targets = [windows[0, :10].tolist(), windows[1, :7].tolist()], [3, 4]

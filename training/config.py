@@ -233,7 +233,12 @@ class RLPConfig:
     ema_decay: float = fraction(0.999)  # τ of the EMA teacher
     rlp_weight: float = non_negative(1.0)  # w_rlp
     ttt_weight: float = non_negative(1.0)  # λ: the next-token (TTT-E2E meta-learning) loss over the window
-    max_staleness: int = positive(1)  # a rollout `max_staleness` versions older than the learner is dropped
+    # A rollout sampled more than max_staleness versions before the learner's is dropped (and
+    # counted); rollout.asynchronous samples one version behind.
+    max_staleness: int = non_negative(1)
+    # The policy ratio π_θ/π_sampling is truncated at is_cap (dual-clip PPO's c): a stale token
+    # with a large ratio cannot dominate a negative advantage.
+    is_cap: float = _field(3.0, "must be > 1", lambda v: v > 1)
     # The run stops when more than max_dropped_frac of the rewards were dropped (raised, NaN,
     # None) in each of max_dropped_steps consecutive steps.
     max_dropped_frac: float = fraction(0.5, open_low=True)
@@ -245,6 +250,9 @@ class RolloutConfig:
     engine: str = one_of("torch", "torch", "vllm")
     num_workers: int = positive(2)
     windows_per_step: int = positive(4)  # context windows per learner step, split across workers
+    # Sample the next step's thoughts while the learner trains this one (one version behind).
+    asynchronous: bool = True
+    timeout_s: float = positive(600.0)  # a worker silent this long is left out of the step (counted)
 
 
 @dataclass

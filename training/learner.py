@@ -54,7 +54,7 @@ class Learner:
         cfg, rlp = self.cfg, self.cfg.rlp
         start = time.perf_counter()
         # Off-policy beyond max_staleness versions: dropped, and counted.
-        fresh = [r for r in rollouts if self.version - r.version < rlp.max_staleness]
+        fresh = [r for r in rollouts if self.version - r.version <= rlp.max_staleness]
         self.counters["rollouts/dropped_stale"] += sum(len(r.samples) for r in rollouts if r not in fresh)
         self.counters["rollouts/dropped_reward"] += sum(r.dropped for r in rollouts)
         samples = [s for r in fresh for s in r.samples]
@@ -79,7 +79,7 @@ class Learner:
         if samples and rlp.rlp_weight > 0:
             ids, mask, old, adv = (t.to(self.device) for t in thought_batch(samples, self.think_open, self.pad_id))
             policy_loss, stats = rlp_policy_loss(self.model(ids).logits, ids, mask, old, adv, rlp.temperature,
-                                                 rlp.clip_low, rlp.clip_high)
+                                                 rlp.clip_low, rlp.clip_high, rlp.is_cap)
             loss = loss + rlp.rlp_weight * policy_loss
             thought_seq_tokens = ids.numel()
             metrics.update(stats)

@@ -27,12 +27,15 @@ def thought_batch(samples: list[ThoughtSample], think_open: int, pad_id: int):
 
 
 def rlp_policy_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor,
-                    advantages: torch.Tensor, temperature: float, clip_low: float, clip_high: float):
+                    advantages: torch.Tensor, temperature: float, clip_low: float, clip_high: float,
+                    is_cap: float = float("inf")):
     """L = -(1/N) Σ_i (1/|c_i|) Σ_u min(ρ_u A_i, clip(ρ_u, 1-ε_low, 1+ε_high) A_i), over thought
-    tokens u only; ρ_u = π_θ / π_old at the sampling temperature. Returns (loss, stats)."""
+    tokens u only; ρ_u = min(π_θ / π_old, is_cap) at the sampling temperature, π_old the policy
+    that sampled the thought (one version behind with asynchronous rollouts): the cap bounds what
+    a stale token can weigh where A < 0, which the PPO clip leaves unbounded. Returns (loss, stats)."""
     next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # token each position predicts (last: unused)
     logp = F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, next_ids[..., None])[..., 0]
-    ratio = torch.exp((logp - old_logprobs).masked_fill(~mask, 0.0))
+    ratio = torch.exp((logp - old_logprobs).masked_fill(~mask, 0.0)).clamp(max=is_cap)
     adv = advantages[:, None]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
     per_thought = (surrogate * mask).sum(1) / mask.sum(1).clamp(min=1)

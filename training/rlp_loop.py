@@ -1,0 +1,148 @@
+"""The RLP loop on the driver (pipelines/rlp_midtrain.py builds the graph and hands it here).
+
+One step is a flat sequence of named, timed phases:
+
+    rollout   gather this step's rollouts; with rollout.async, submit the NEXT step's before training
+    train     the learner's one backward through L = w_rlp·L_RLP + λ·L_NTP
+    sync      the new weights to every worker (behind any rollout in flight: actor tasks keep order)
+    eval      [every train.eval_every]
+    save      [every train.save_every] after the step's metrics record, so both survive a kill
+
+With rollout.async the next step's thoughts are sampled while the learner trains, by weights one
+version old: the learner drops rollouts more than rlp.max_staleness versions old and truncates the
+importance ratio at rlp.is_cap (training/losses.py). The rollouts in flight at a checkpoint are
+collected into it, with every generator, so a resumed run takes the steps an unkilled one takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ray
+from tqdm.auto import tqdm
+
+from rollout.pool import Pending, RolloutPool
+from training.checkpoint import rng_state, set_rng_state
+from training.data import WindowLoader
+from training.metrics import MetricsLogger
+from training.trainer import timed
+
+CLOSED_FRAC_WARNING = 0.5  # below this share of self-closed thoughts at the first step, the base cannot think
+
+
+class DroppedRewardsError(RuntimeError):
+    """Most rewards were dropped (raised, NaN, None) for several steps in a row: the run stops."""
+
+
+class RLPLoop:
+    def __init__(self, cfg, learner, pool: RolloutPool, loader: WindowLoader):
+        self.cfg, self.learner, self.pool, self.loader = cfg, learner, pool, loader
+        self.dropped_streak, self.first_drop = 0, ""  # consecutive steps over rlp.max_dropped_frac
+        self.ahead = None  # (windows, Pending | list[Rollouts] | None): the next step's rollouts
+
+    # ------------------------------------------------------------------------------ rollouts
+    def submit(self):
+        """The next batch of windows and its rollouts, submitted (none without the RLP term)."""
+        windows = self.loader.next_batch()
+        return windows, self.pool.submit(windows) if self.cfg.rlp.rlp_weight > 0 else None
+
+    def collect(self, ahead) -> tuple:
+        windows, rollouts = ahead
+        if isinstance(rollouts, Pending):
+            rollouts = self.pool.gather(rollouts)
+        return windows, rollouts or []
+
+    # ---------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        if self.ahead is not None:  # the rollouts in flight become part of the checkpoint
+            self.ahead = self.collect(self.ahead)
+        return {"loader": self.loader.state_dict(), "rng": rng_state(), "ahead": self.ahead,
+                "workers": self.pool.rng_states(), "pool": self.pool.state_dict(),
+                "dropped_streak": self.dropped_streak, "first_drop": self.first_drop}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
+        if "rng" in state:  # checkpoints of older runs hold the loader only
+            set_rng_state(state["rng"])
+            self.pool.set_rng_states(state["workers"])
+            self.dropped_streak, self.first_drop = state["dropped_streak"], state["first_drop"]
+        self.ahead = state.get("ahead")
+        self.pool.load_state_dict(state.get("pool", {}))
+        self.pool.sync(self.learner)
+
+    # ---------------------------------------------------------------------------------- loop
+    def check_dropped(self, frac: float, rollouts, step: int) -> None:
+        """Count steps whose dropped-reward fraction is over the limit; raise after too many in a row."""
+        rlp = self.cfg.rlp
+        if frac <= rlp.max_dropped_frac:
+            self.dropped_streak, self.first_drop = 0, ""
+            return
+        self.dropped_streak += 1
+        self.first_drop = self.first_drop or next((r.first_drop for r in rollouts if r.first_drop), "")
+        if self.dropped_streak >= rlp.max_dropped_steps:
+            raise DroppedRewardsError(
+                f"reward={self.cfg.reward} dropped more than rlp.max_dropped_frac={rlp.max_dropped_frac} of the rewards "
+                f"for {self.dropped_streak} steps in a row (to step {step}); the first drop: {self.first_drop}")
+
+    def run(self, logger: MetricsLogger, start: int, first_extra: dict) -> dict:
+        t, learner, asynchronous = self.cfg.train, self.learner, self.cfg.rollout.asynchronous
+        first = ray.get(learner.evaluate.remote())
+        if start == 0:
+            logger.log({**first, **first_extra}, step=0)
+        tqdm.write(f"version {start}: held-out bpb {first['eval/bpb']:.4f}")
+        last_eval, metrics, gains, closed = first, {}, [], []
+        for step in tqdm(range(start + 1, t.steps + 1), desc="rlp", unit="step", initial=start, total=t.steps):
+            timings: dict[str, float] = {}
+            with timed(timings, "rollout"):
+                windows, rollouts = self.collect(self.ahead or self.submit())
+                self.ahead = self.submit() if asynchronous and step < t.steps else None
+            # Rewards are computed inside the workers; report their share of the rollout phase.
+            timings["timing_s/reward"] = max((r.timings["timing_s/reward"] for r in rollouts), default=0.0)
+            with timed(timings, "train"):
+                metrics = ray.get(learner.train_step.remote(rollouts, windows))
+            with timed(timings, "sync"):
+                self.pool.sync(learner, wait=not asynchronous)
+            metrics.update(self.pool.counters())
+            thought_tokens = sum(r.thought_tokens for r in rollouts)
+            metrics["perf/rollout_tokens_per_s"] = thought_tokens / timings["timing_s/rollout"]
+            log_thoughts(logger.path.parent, step, rollouts, metrics, first_step=step == start + 1)
+            if rollouts:
+                gains.append(metrics["rlp/reward_mean"])
+                closed.append(metrics["rlp/closed_frac"])
+            if step % t.eval_every == 0 or step == t.steps:
+                with timed(timings, "eval"):
+                    last_eval = ray.get(learner.evaluate.remote())
+                metrics.update(last_eval)
+            frac = sum(r.dropped for r in rollouts) / max(1, sum(r.positions for r in rollouts) * self.cfg.rlp.group_size)
+            metrics["rollouts/dropped_reward_frac"] = frac
+            try:
+                self.check_dropped(frac, rollouts, step)
+            finally:  # the failing step's record is written too
+                if step % t.log_every == 0 or "eval/bpb" in metrics or self.dropped_streak:
+                    logger.log({**metrics, **timings}, step=step)
+            if step % t.save_every == 0 or step == t.steps:  # after the step's record: both survive a kill
+                logger.sync()
+                ray.get(learner.save.remote(self.state_dict()))
+        tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
+        summary = {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
+        if gains:
+            k = max(1, len(gains) // 4)  # the first and last quarter of the steps, averaged: one step is noisy
+            early, late = sum(gains[:k]) / k, sum(gains[-k:]) / k
+            summary["rlp/thinking"] = (f"rlp/closed_frac {closed[0]:.2f} at the first step, {closed[-1]:.2f} at the last; "
+                                       f"mean information gain {early:+.4f} -> {late:+.4f} nats (change {late - early:+.4f}, "
+                                       f"first and last {k} steps)")
+        return summary
+
+
+def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_step: bool) -> None:
+    """Append the step's example thoughts to thoughts.jsonl (the report's table), and warn loudly
+    when the base cannot think: RLP's reward needs thoughts the policy closes itself."""
+    examples = [e for r in rollouts for e in r.examples]
+    if examples:
+        with open(Path(run_dir) / "thoughts.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "examples": examples}) + "\n")
+    if first_step and metrics.get("rlp/closed_frac", 1.0) < CLOSED_FRAC_WARNING:
+        tqdm.write(f"WARNING: the policy closed only {metrics['rlp/closed_frac']:.0%} of its thoughts at the first step: "
+                   "the base cannot think, and RLP's information gain will be strongly negative. Start from a base "
+                   "trained on thoughts (leave base= empty, pretrain.augment=think) or raise rlp.thought_max_tokens.")

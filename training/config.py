@@ -200,6 +200,9 @@ class PretrainConfig:
     resume: Any = _field(False, "must be true, false or auto", lambda v: v in (True, False, "auto"))
     device: str = one_of("auto", "auto", "cpu", "cuda")
     dtype: str = one_of("float32", "float32", "bfloat16")
+    # A saved Ponder model to train from (e.g. pipelines/convert_hf.py's output: the bridge of a
+    # converted transformer); its shape replaces model.*, ttt.* still applies. Empty: from scratch.
+    base: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     ttt: TTTConfig = field(default_factory=TTTConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -316,6 +319,28 @@ class CompareConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ConvertModelConfig:
+    """What the conversion chooses; every other shape comes from the source."""
+
+    suffix_len: int | None = None  # blocks that get a fast MLP (null: the last quarter)
+    sliding_window: int = positive(8192)  # keys each query attends to (the released TTT-E2E window)
+    mini_batch_size: int = positive(1024)  # tokens per inner-loop chunk (as released)
+
+
+@dataclass
+class ConvertConfig:
+    """A Hugging Face Llama / Qwen3 checkpoint as a TTT-E2E Ponder model (pipelines/convert_hf.py)."""
+
+    source: str = ""  # a save_pretrained LlamaForCausalLM or Qwen3ForCausalLM directory
+    out: str = ""  # where the Ponder model and the source's tokenizer files are written
+    model: ConvertModelConfig = field(default_factory=ConvertModelConfig)
+
+    def validate(self) -> None:
+        if not self.source or not self.out:
+            raise ConfigError("give source=<a Llama or Qwen3 save_pretrained dir> and out=<a dir for the Ponder model>")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from training.config import OptimConfig, PretrainConfig
 from training.data import PreparedData, WindowLoader, split_window
 from training.evaluate import TaskAccuracy, heldout_bpb
 from training.metrics import MetricsLogger
-from training.run import build_model
+from training.run import build_model, load_base
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -214,8 +214,9 @@ def run_pretraining(cfg: PretrainConfig, data: PreparedData, run_dir: Path, devi
     """Build the model and train it as `cfg` says (resuming when cfg.resume); returns the summary."""
     if cfg.train.data_tokens:
         cfg = with_data_token_budget(cfg, data)
-    model = build_model(cfg.model, data.tokenizer, cfg.ttt)
-    print(f"model: {cfg.model.name} ({cfg.model.mode}), {model.num_params() / 1e6:.2f}M parameters; "
+    model = load_base(cfg.base, cfg.ttt) if cfg.base else build_model(cfg.model, data.tokenizer, cfg.ttt)
+    name = f"base {cfg.base}" if cfg.base else cfg.model.name
+    print(f"model: {name} ({model.config.mode}), {model.num_params() / 1e6:.2f}M parameters; "
           f"data: {len(data.train_windows)} train / {len(data.heldout_windows)} held-out windows of "
           f"{cfg.data.seq_len} tokens; device: {device}")
     loader = WindowLoader(data.train_windows, cfg.train.batch_size, cfg.seed, thought_mask=data.train_thought_mask)

@@ -113,7 +113,6 @@ def test_pretraining_refuses_an_unconverted_base(tmp_path, tokenizer, capsys):
     assert "convert it first with pipelines/convert_hf.py" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_bridge_lowers_heldout_loss_and_decoding_equals_forward(tmp_path, tokenizer):
     save_source(tmp_path / "llama", "llama_untied_llama3_rope", tokenizer, initializer_range=0.02)
     out = convert_cli.main([f"source={tmp_path / 'llama'}", f"out={tmp_path / 'converted'}", "model.suffix_len=1",
@@ -138,3 +137,17 @@ def test_bridge_lowers_heldout_loss_and_decoding_equals_forward(tmp_path, tokeni
     assert (stepped - forward).abs().max() <= 1e-4 * forward.abs().max()
     w0 = bridged.blocks[-1].fast_mlp.f.w2.weight
     assert not torch.allclose(state.fast[0][1][0], w0)  # the inner loop learned from the chunks it read
+
+
+def test_bridge_can_train_the_fast_mlps_alone_first(tmp_path, tokenizer):
+    save_source(tmp_path / "qwen3", "qwen3_qk_norm", tokenizer)
+    out = convert_cli.main([f"source={tmp_path / 'qwen3'}", f"out={tmp_path / 'converted'}", "model.sliding_window=32",
+                            "model.mini_batch_size=16"])
+    pretrain.main([f"base={out}", f"out_dir={tmp_path}", "run_name=frozen", f"data.cache_dir={tmp_path / 'cache'}",
+                   "data.num_docs=100", "data.seq_len=32", "train.steps=2", "train.batch_size=2", "train.eval_windows=2",
+                   "optim.warmup_steps=1", "ttt.freeze_slow_steps=2", "wandb.mode=disabled"])
+    before = PonderForCausalLM.from_pretrained(out).state_dict()
+    after = PonderForCausalLM.from_pretrained(tmp_path / "frozen" / "model").state_dict()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(".fast_mlp." in name for name in moved)
+    assert "blocks.3.fast_mlp.post_norm.weight" in moved

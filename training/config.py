@@ -104,6 +104,9 @@ class TTTConfig:
     inner_lr: float = positive(1.0)
     inner_lr_init: float = non_negative(0.1)  # warms linearly to inner_lr ...
     inner_lr_warmup: float = fraction(0.1)  # ... over this fraction of the outer steps
+    # The bridge of a converted model (base=...): for this many first steps only the fast MLPs
+    # (W_0 and their norms) train, the slow weights keep the source's values. 0: all train at once.
+    freeze_slow_steps: int = non_negative(0)
     clip: float = positive(1.0)  # global-norm clip of each inner update, over all suffix layers
     update_during_decode: bool = True
     # Recompute each chunk in the backward instead of keeping its activations: memory stops

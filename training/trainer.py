@@ -81,6 +81,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.flops_per_token = model.flops_per_token(loader.seq_len)
         self.is_ttt = model.config.is_ttt
+        self.slow_params = [p for name, p in model.named_parameters() if ".fast_mlp." not in name]
         self.boundary_id = model.config.eos_token_id if cfg.data.mask_boundary_targets else None
         if self.is_ttt:
             self.model.inner_lr = self.inner_lr_at(0)
@@ -124,6 +125,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return {"train/loss": float("nan"), "train/skipped_steps": self.skipped_steps, "skipped": True}
         loss.backward()
+        if self.step < self.cfg.ttt.freeze_slow_steps:  # AdamW leaves a parameter without a gradient alone
+            for p in self.slow_params:
+                p.grad = None
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

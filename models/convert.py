@@ -78,27 +78,58 @@ def ponder_config(hf, suffix_len: int | None, sliding_window: int, mini_batch_si
     )
 
 
-def ponder_state_dict(source: dict[str, torch.Tensor], config: PonderConfig, n_prefix: int) -> dict[str, torch.Tensor]:
-    """Ponder's parameter names -> the source's tensors (Llama and Qwen3 share their names)."""
-    out = {"embed.weight": source["model.embed_tokens.weight"], "norm.weight": source["model.norm.weight"]}
+def weight_names(config: PonderConfig, with_fast: bool) -> list[tuple[str, str]]:
+    """(Ponder's parameter name, the source's) for every weight a source provides (Llama and Qwen3
+    share their names). with_fast: also MLP′ of the suffix blocks, each a copy of its block's MLP."""
+    names = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
     if not config.tie_word_embeddings:
-        out["head.weight"] = source["lm_head.weight"]
+        names.append(("head.weight", "lm_head.weight"))
+    n_prefix = config.num_hidden_layers - config.suffix_len
+    attn = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
+    if config.qk_norm:
+        attn.update(q_norm="q_norm", k_norm="k_norm")
     for i in range(config.num_hidden_layers):
         src, dst = f"model.layers.{i}.", f"blocks.{i}."
-        attn = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
-        if config.qk_norm:
-            attn.update(q_norm="q_norm", k_norm="k_norm")
-        for ours, theirs in attn.items():
-            out[f"{dst}attn.f.{ours}.weight"] = source[f"{src}self_attn.{theirs}.weight"]
-        out[f"{dst}attn.pre_norm.weight"] = source[f"{src}input_layernorm.weight"]
-        mlps = ["mlp"] + (["fast_mlp"] if i >= n_prefix else [])  # MLP′ starts as a copy of the MLP
-        for mlp in mlps:
-            out[f"{dst}{mlp}.pre_norm.weight"] = source[f"{src}post_attention_layernorm.weight"]
-            for ours, theirs in {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.items():
-                out[f"{dst}{mlp}.f.{ours}.weight"] = source[f"{src}mlp.{theirs}.weight"]
-        if i >= n_prefix:  # the zero gain that makes MLP′ contribute nothing until the bridge opens it
-            out[f"{dst}fast_mlp.post_norm.weight"] = torch.zeros(config.hidden_size)
+        names += [(f"{dst}attn.f.{ours}.weight", f"{src}self_attn.{theirs}.weight") for ours, theirs in attn.items()]
+        names.append((f"{dst}attn.pre_norm.weight", f"{src}input_layernorm.weight"))
+        for mlp in ["mlp"] + (["fast_mlp"] if with_fast and i >= n_prefix else []):
+            names.append((f"{dst}{mlp}.pre_norm.weight", f"{src}post_attention_layernorm.weight"))
+            names += [(f"{dst}{mlp}.f.{ours}.weight", f"{src}mlp.{theirs}.weight")
+                      for ours, theirs in {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.items()]
+    return names
+
+
+def ponder_state_dict(source: dict[str, torch.Tensor], config: PonderConfig) -> dict[str, torch.Tensor]:
+    """The converted model's weights: the source's, and MLP′'s zero output gains."""
+    out = {ours: source[theirs] for ours, theirs in weight_names(config, with_fast=True)}
+    for i in range(config.num_hidden_layers - config.suffix_len, config.num_hidden_layers):
+        out[f"blocks.{i}.fast_mlp.post_norm.weight"] = torch.zeros(config.hidden_size)  # MLP′ off until the bridge
     return out
+
+
+def to_llama(model: PonderForCausalLM):
+    """A Llama-shaped Ponder model (full attention, pre-norm only, no QK-norm) as a LlamaForCausalLM,
+    e.g. a plain transformer pretrained here, to convert and bridge like any other checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    if c.mode != "full" or c.post_norm or c.qk_norm:
+        raise ConversionError(f"to_llama needs mode=full, post_norm=false, qk_norm=false (got mode={c.mode}, "
+                              f"post_norm={c.post_norm}, qk_norm={c.qk_norm})")
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling_params or {})}
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.mlp_width,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+        max_position_embeddings=c.max_position_embeddings, rope_parameters=rope,
+        tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id, architectures=["LlamaForCausalLM"]))
+    ours = model.state_dict()
+    theirs = {hf: ours[name] for name, hf in weight_names(c, with_fast=False)}
+    if c.tie_word_embeddings:
+        theirs["lm_head.weight"] = ours["embed.weight"]
+    llama.load_state_dict(theirs, strict=True)
+    return llama
 
 
 def convert_hf(source_dir: str | Path, suffix_len: int | None = None, sliding_window: int = 8192,
@@ -110,5 +141,5 @@ def convert_hf(source_dir: str | Path, suffix_len: int | None = None, sliding_wi
     config = ponder_config(hf, suffix_len, sliding_window, mini_batch_size)
     source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=dtype)
     model = PonderForCausalLM(config).to(dtype)
-    model.load_state_dict(ponder_state_dict(source.state_dict(), config, model.n_prefix), strict=True)
+    model.load_state_dict(ponder_state_dict(source.state_dict(), config), strict=True)
     return model

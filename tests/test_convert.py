@@ -151,3 +151,23 @@ def test_bridge_can_train_the_fast_mlps_alone_first(tmp_path, tokenizer):
     moved = {name for name in before if not torch.equal(before[name], after[name])}
     assert moved and all(".fast_mlp." in name for name in moved)
     assert "blocks.3.fast_mlp.post_norm.weight" in moved
+
+
+def test_a_llama_shaped_ponder_model_exports_to_llama_and_converts_back(tmp_path, tokenizer):
+    from models import PonderConfig
+    from models.convert import to_llama
+
+    torch.manual_seed(0)
+    plain = PonderForCausalLM(PonderConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4,
+                                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                           post_norm=False, qk_norm=False, initializer_range=0.2)).eval()
+    llama = to_llama(plain).eval()
+    llama.save_pretrained(tmp_path)
+    converted = convert_hf(tmp_path, sliding_window=WINDOW, mini_batch_size=CHUNK).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 40))
+    with torch.no_grad():
+        expected = plain(ids).logits
+        for logits in (llama(input_ids=ids).logits, converted(ids).logits):
+            assert (logits - expected).abs().max() <= 1e-5 * expected.abs().max()
+    with pytest.raises(ConversionError, match="post_norm=false"):
+        to_llama(PonderForCausalLM(PonderConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)))

@@ -59,7 +59,8 @@ class PonderConfig(PretrainedConfig):
                              f"num_key_value_heads={num_key_value_heads}")
         rope_type = (rope_scaling_params or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope_scaling type {rope_type!r} is not implemented; implemented: {list(ROPE_TYPES)}")
+            raise ValueError(f"rope_scaling_params rope_type={rope_type!r} is not implemented; "
+                             f"implemented: {list(ROPE_TYPES)}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

@@ -171,3 +171,15 @@ def test_a_llama_shaped_ponder_model_exports_to_llama_and_converts_back(tmp_path
             assert (logits - expected).abs().max() <= 1e-5 * expected.abs().max()
     with pytest.raises(ConversionError, match="post_norm=false"):
         to_llama(PonderForCausalLM(PonderConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)))
+
+
+def test_pretraining_builds_grouped_query_attention_and_an_untied_head(tokenizer):
+    from training.config import ModelConfig
+    from training.run import build_model
+
+    model = build_model(ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                    tie_word_embeddings=False, mode="ttt_e2e", mini_batch_size=8), tokenizer)
+    assert model.blocks[0].attn.f.wk.weight.shape == (8, 32) and model.head.weight.shape == (len(tokenizer), 32)
+    ids = torch.randint(0, len(tokenizer), (2, 24))
+    model(ids, targets=ids).loss.backward()
+    assert model.head.weight.grad.abs().sum() > 0 and model.embed.weight.grad.abs().sum() > 0

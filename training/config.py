@@ -63,6 +63,8 @@ class ModelConfig:
     hidden_size: int = positive(128)
     num_hidden_layers: int = positive(4)
     num_attention_heads: int = positive(4)
+    # grouped-query attention: key/value heads, each shared by consecutive query heads (null: one per query head)
+    num_key_value_heads: int | None = None
     intermediate_size: int = positive(384)
     # full: causal attention over everything; swa: every block attends to the last
     # `sliding_window` keys; ttt_e2e: swa plus fast-weight MLPs in the suffix blocks.
@@ -74,6 +76,7 @@ class ModelConfig:
     qk_norm: bool = True
     pre_norm: bool = True
     post_norm: bool = True
+    tie_word_embeddings: bool = True  # false: the output projection is a matrix of its own
     max_position_embeddings: int = positive(8192)
     # TTT-E2E only: how many of the last blocks carry fast weights (null: a quarter), and the
     # tokens per inner-loop chunk.
@@ -90,6 +93,10 @@ class ModelConfig:
                 f"model.hidden_size={self.hidden_size} must be divisible by "
                 f"model.num_attention_heads={self.num_attention_heads}"
             )
+        kv = self.num_key_value_heads
+        if kv is not None and (kv <= 0 or self.num_attention_heads % kv):
+            raise ConfigError(f"model.num_key_value_heads={kv} must divide model.num_attention_heads="
+                              f"{self.num_attention_heads} (or be null: one per query head)")
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise ConfigError("model.hidden_size / model.num_attention_heads (the head dim) must be even for RoPE")
         if self.vocab_size is not None and self.vocab_size <= 0:

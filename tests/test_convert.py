@@ -22,8 +22,9 @@ def tokenizer():
 
 
 def llama3_rope():
+    # head dim 16: wavelengths 6.3 (kept), 32.5 (on the ramp), 168 and up (divided by the factor)
     return {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
 SOURCES = {  # name: the model class, its config class, what sets it apart

@@ -42,6 +42,8 @@ def main(argv: list[str]) -> dict[str, float]:
         data = prepare_data(cfg.data, run_dir, cfg.seed)
         if cfg.base:
             check_tokenizer_fits(Path(cfg.base), data.tokenizer, think_tokens=False)
+            if not (run_dir / "tokenizer").exists():  # beside model/, where rlp_midtrain base=<run>/model looks
+                data.tokenizer.save_pretrained(run_dir / "tokenizer")
     summary = run_pretraining(cfg, data, run_dir, resolve_device(cfg.device))
     print(f"outputs in {run_dir}/: model/ (from_pretrained), checkpoints/, metrics.jsonl, tokenizer/, wandb/")
     return summary

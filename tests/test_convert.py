@@ -10,6 +10,7 @@ import pipelines.convert_hf as convert_cli
 import pipelines.ttt_pretrain as pretrain
 from models import PonderForCausalLM
 from models.convert import ConversionError, convert_hf
+from training.preflight import tokenizer_beside
 from training.tokenizer import train_tokenizer
 
 WINDOW, CHUNK = 64, 16
@@ -126,6 +127,7 @@ def test_bridge_lowers_heldout_loss_and_decoding_equals_forward(tmp_path, tokeni
     ])
     assert summary["eval/bpb"] < 0.9 * summary["bpb_start"], summary
 
+    assert tokenizer_beside(tmp_path / "bridge" / "model") == tmp_path / "bridge" / "tokenizer"  # for RLP's base=
     bridged = PonderForCausalLM.from_pretrained(tmp_path / "bridge" / "model").eval()
     assert bridged.config.tie_word_embeddings is False and bridged.config.num_key_value_heads == 1
     assert bridged.blocks[-1].fast_mlp.post_norm.weight.abs().max() > 0  # the bridge opened MLP′

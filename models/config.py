@@ -8,6 +8,7 @@ from transformers import PretrainedConfig
 from kernels.backend import check_backend
 
 MODES = ("full", "swa", "ttt_e2e")
+ROPE_TYPES = ("default", "linear", "llama3")  # RoPE frequency schemes models/model.py implements
 
 
 class PonderConfig(PretrainedConfig):
@@ -19,15 +20,19 @@ class PonderConfig(PretrainedConfig):
         hidden_size: int = 128,
         num_hidden_layers: int = 4,
         num_attention_heads: int = 4,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
         intermediate_size: int = 384,
         mode: str = "full",
         sliding_window: int = 128,
         rope_theta: float = 10000.0,
+        rope_scaling_params: dict | None = None,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         qk_norm: bool = True,
         pre_norm: bool = True,
         post_norm: bool = True,
+        fast_post_norm: bool | None = None,
         max_position_embeddings: int = 8192,
         suffix_len: int | None = None,
         mini_batch_size: int = 1024,
@@ -46,21 +51,39 @@ class PonderConfig(PretrainedConfig):
     ):
         if mode not in MODES:
             raise ValueError(f"PonderConfig.mode={mode!r}: must be one of {MODES}")
-        if hidden_size % num_attention_heads:
+        if head_dim is None and hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by num_attention_heads={num_attention_heads}")
+        num_key_value_heads = num_key_value_heads or num_attention_heads
+        if num_attention_heads % num_key_value_heads:
+            raise ValueError(f"num_attention_heads={num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads={num_key_value_heads}")
+        rope_type = (rope_scaling_params or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling_params rope_type={rope_type!r} is not implemented; "
+                             f"implemented: {list(ROPE_TYPES)}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
+        # Grouped-query attention: every key/value head serves num_attention_heads // num_key_value_heads
+        # consecutive query heads (Llama's and Qwen3's layout).
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
         self.intermediate_size = intermediate_size
         self.mode = mode
         self.sliding_window = sliding_window
         self.rope_theta = rope_theta
+        # None (plain RoPE) or Hugging Face's rope_parameters of a scaled one; not named rope_scaling,
+        # which PretrainedConfig aliases to its own rope_parameters.
+        self.rope_scaling_params = rope_scaling_params  # {"rope_type": "linear" | "llama3", ...}
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.qk_norm = qk_norm
         self.pre_norm = pre_norm
         self.post_norm = post_norm
+        # The norm on the fast MLP's output, whatever the other sublayers have (None: as post_norm).
+        # A converted Llama/Qwen3 has no post-norms but gets this one, its gain at zero (models/convert.py).
+        self.fast_post_norm = post_norm if fast_post_norm is None else fast_post_norm
         self.max_position_embeddings = max_position_embeddings
         # TTT-E2E: the last `suffix_len` blocks (a quarter by default) get a fast-weight MLP that
         # trains on every chunk of `mini_batch_size` tokens with SGD at `ttt_inner_lr`, its update
@@ -88,10 +111,6 @@ class PonderConfig(PretrainedConfig):
             raise ValueError(f"suffix_len={self.suffix_len} must be in [1, num_hidden_layers={num_hidden_layers}]")
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def is_ttt(self) -> bool:

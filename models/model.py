@@ -1,6 +1,8 @@
 """Ponder's transformer, shaped like the TTT-E2E released configs: RMSNorm before and after every
 sublayer (the post-norm is applied to the sublayer's output, before the residual add), QK-norm,
-RoPE, SwiGLU MLPs, tied embeddings, attention full or sliding-window.
+RoPE, SwiGLU MLPs, tied embeddings, attention full or sliding-window. The config also takes the
+shapes of Llama / Qwen3 (models/convert.py): pre-norm only, grouped-query attention, an untied head,
+QK-norm or none, scaled RoPE.
 
     model = PonderForCausalLM(PonderConfig(...))
     out = model(input_ids, targets=targets)     # out.logits [B, T, V], out.loss (mean CE; per chunk
@@ -19,6 +21,7 @@ context as it is read (models/ttt.py). Decoding goes through a DecodeState:
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -45,10 +48,24 @@ class RMSNorm(nn.Module):
 
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """RoPE's rotation frequencies (float64), scaled as Hugging Face's "linear" or "llama3" rope_type."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":  # positions divided by the factor
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":  # long wavelengths divided by the factor, short ones kept, a smooth ramp between
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((context / wavelen - low) / (high - low)).clamp(0, 1)
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
     """cos, sin of shape [T, head_dim] for the rotate-half convention."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
-    angles = positions.double()[:, None] * inv_freq[None, :]
+    angles = positions.double()[:, None] * inv_freq.to(positions.device)[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -66,24 +83,27 @@ class Attention(nn.Module):
         # kernels do not provide: there it takes the materialised path, or Ponder's Triton kernel.
         self.attention = (partial(twice_differentiable_attention, backend=config.kernels) if twice_differentiable
                           else sliding_window_attention)
-        d, self.n_heads, self.head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
+        d, self.head_dim = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.window = config.attention_window
-        self.wq = nn.Linear(d, d, bias=False)
-        self.wk = nn.Linear(d, d, bias=False)
-        self.wv = nn.Linear(d, d, bias=False)
-        self.wo = nn.Linear(d, d, bias=False)
+        self.wq = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, past: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """Returns the output and the keys/values it attended to ([past; new], rotated keys),
-        so a caller can keep them as a cache."""
+        """Returns the output and the keys/values it attended to ([past; new], rotated keys, one
+        per key/value head), so a caller can keep them as a cache."""
         B, T, _ = x.shape
-        q, k, v = (w(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = (w(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2) for w in (self.wk, self.wv))
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        y = self.attention(q, k, v, self.window)
+        group = self.n_heads // self.n_kv_heads  # query heads per key/value head, consecutive
+        y = self.attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), self.window)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
 
@@ -106,12 +126,13 @@ class SwiGLU(nn.Module):
 class Sublayer(nn.Module):
     """x -> post_norm(f(pre_norm(x), ...)): the residual branch of one sublayer."""
 
-    def __init__(self, config: PonderConfig, f: nn.Module):
+    def __init__(self, config: PonderConfig, f: nn.Module, post_norm: bool | None = None):
         super().__init__()
         d, eps = config.hidden_size, config.rms_norm_eps
         self.pre_norm = RMSNorm(d, eps) if config.pre_norm else nn.Identity()
         self.f = f
-        self.post_norm = RMSNorm(d, eps) if config.post_norm else nn.Identity()
+        post_norm = config.post_norm if post_norm is None else post_norm
+        self.post_norm = RMSNorm(d, eps) if post_norm else nn.Identity()
 
     def forward(self, x, *args, **kwargs):
         out = self.f(self.pre_norm(x), *args, **kwargs)
@@ -127,7 +148,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn = Sublayer(config, Attention(config, twice_differentiable=fast))
         fast_op = partial(fast_swiglu, backend=config.kernels)
-        self.fast_mlp = Sublayer(config, SwiGLU(config.hidden_size, config.mlp_width, fast_op)) if fast else None
+        self.fast_mlp = (Sublayer(config, SwiGLU(config.hidden_size, config.mlp_width, fast_op), config.fast_post_norm)
+                         if fast else None)
         self.mlp = Sublayer(config, SwiGLU(config.hidden_size, config.mlp_width))
 
     def forward(self, h, cos, sin, past=None, fast_weights=None):
@@ -160,6 +182,8 @@ class PonderForCausalLM(PonderPreTrainedModel):
         self.blocks = nn.ModuleList(Block(config, fast=i >= n_prefix) for i in range(config.num_hidden_layers))
         self.n_prefix = n_prefix
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # The output projection: the embedding itself when tied, else a matrix of its own.
+        self.head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # The inner learning rate in use; the trainer warms it up, inference uses the config's.
         self.inner_lr = config.ttt_inner_lr
         self.post_init()
@@ -170,13 +194,19 @@ class PonderForCausalLM(PonderPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed = value
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """[vocab, hidden]: the output projection's matrix (the embedding when tied)."""
+        return self.embed.weight if self.head is None else self.head.weight
+
     def lm_head(self, h):
-        """Final norm and the tied output projection."""
-        return F.linear(self.norm(h), self.embed.weight)
+        """Final norm and the output projection."""
+        return F.linear(self.norm(h), self.output_weight)
 
     def rope(self, start: int, length: int, like: torch.Tensor):
         positions = torch.arange(start, start + length, device=like.device)
-        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, like.dtype)
+        c = self.config  # frequencies made afresh in float64 (a buffer would follow the model's dtype)
+        return rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_params), like.dtype)
 
     def run_blocks(self, blocks, h, start: int, state: DecodeState | None, first_layer: int = 0, fast=None):
         """Run `blocks` over h (positions start..), reading and extending `state`'s caches."""
@@ -220,7 +250,8 @@ class PonderForCausalLM(PonderPreTrainedModel):
         every chunk (4 per weight), and with second order the outer backward through it (8 more)."""
         c = self.config
         head = c.vocab_size * c.hidden_size
-        matmul_weights = self.num_params(exclude_embeddings=True) + head
+        # parameters() hold an untied head already; a tied one only as the embedding
+        matmul_weights = self.num_params(exclude_embeddings=True) + (head if self.head is None else 0)
         keys = seq_len if c.attention_window is None else min(c.attention_window, seq_len)
         mean_keys = (keys + 1) / 2 if keys == seq_len else keys  # causal triangle vs a full band
         flops = 6.0 * matmul_weights + 12.0 * c.num_hidden_layers * c.hidden_size * mean_keys

@@ -8,7 +8,7 @@ fast weights W_{i-1}, then
     W_i = W_{i-1} - η · clip_{global norm ≤ 1}(∇_W ℓ_i(W_{i-1}))
 
 where ℓ_i is the masked mean next-token loss of chunk i computed at the network's end (the rest
-of the suffix, final norm, tied head), sum(nll · mask) / max(sum(mask), 1), and the clip is taken jointly over the fast weights of all suffix
+of the suffix, final norm, head), sum(nll · mask) / max(sum(mask), 1), and the clip is taken jointly over the fast weights of all suffix
 layers, separately for every sequence. With `ttt_grad="second_order"` the outer gradient flows
 through every update (gradients of gradients) to W_0 and to the slow weights; "first_order"
 treats each inner gradient as a constant.
@@ -57,12 +57,12 @@ def chunk_mean_loss(logits: torch.Tensor, targets: torch.Tensor, chunk: int, sta
 
 
 def inner_loss(model, hidden: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """per_sequence_loss of a chunk. With Triton kernels the tied head is recomputed in row chunks
+    """per_sequence_loss of a chunk. With Triton kernels the head (tied or not) is recomputed in row chunks
     inside one twice-differentiable op (kernels/triton_linear_ce.py), so the inner gradient's graph
     keeps no [tokens, vocab] tensor; the logits are still made once, for the caller."""
     if resolve_backend(model.config.kernels, hidden.device) != "triton":
         return per_sequence_loss(logits, targets)
-    ce = linear_cross_entropy(model.norm(hidden), model.embed.weight, targets, backend="triton")
+    ce = linear_cross_entropy(model.norm(hidden), model.output_weight, targets, backend="triton")
     valid = (targets != -100).to(ce.dtype)
     return (ce * valid).sum(1) / valid.sum(1).clamp(min=1)
 

@@ -5,6 +5,7 @@ embedded corpus or your own files.
     python pipelines/ttt_pretrain.py model.mode=ttt_e2e   # TTT-E2E meta-learning
     python pipelines/ttt_pretrain.py model=125m data=files data.source=docs.jsonl train.steps=5000
     python pipelines/ttt_pretrain.py run_name=my_run resume=true    # continue a killed run
+    python pipelines/ttt_pretrain.py base=runs/llama_ttt optim.lr=3e-4   # bridge a converted model (convert_hf.py)
 
 Outputs in runs/<run_name>/: config.yaml, tokenizer/, model/ (save_pretrained), checkpoints/,
 metrics.jsonl and wandb/ (offline unless wandb.mode=online).
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 
 from training.config import CONFIG_DIR, PretrainConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
-from training.preflight import check_data_files  # noqa: E402
+from training.preflight import check_data_files, check_ponder_base, check_tokenizer_fits, tokenizer_beside  # noqa: E402
 from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
 from training.trainer import run_pretraining  # noqa: E402
 
@@ -31,8 +32,18 @@ def main(argv: list[str]) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     with config_errors_exit():  # bad inputs named in one line, before any training
         check_data_files(cfg.data)
+        if cfg.base:
+            cfg.base = str(Path(cfg.base).expanduser().resolve())
+            check_ponder_base(Path(cfg.base))
+            if not cfg.data.tokenizer and tokenizer_beside(Path(cfg.base)):  # the base's own tokenizer
+                cfg.data.tokenizer = str(tokenizer_beside(Path(cfg.base)))
+                print(f"using the tokenizer saved with the base: {cfg.data.tokenizer}")
         run_dir = prepare_run_dir(cfg)
         data = prepare_data(cfg.data, run_dir, cfg.seed)
+        if cfg.base:
+            check_tokenizer_fits(Path(cfg.base), data.tokenizer, think_tokens=False)
+            if not (run_dir / "tokenizer").exists():  # beside model/, where rlp_midtrain base=<run>/model looks
+                data.tokenizer.save_pretrained(run_dir / "tokenizer")
     summary = run_pretraining(cfg, data, run_dir, resolve_device(cfg.device))
     print(f"outputs in {run_dir}/: model/ (from_pretrained), checkpoints/, metrics.jsonl, tokenizer/, wandb/")
     return summary

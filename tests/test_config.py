@@ -31,6 +31,7 @@ def test_unknown_key_names_key_and_nearest():
         ("data.heldout_fraction=1.5", r"data\.heldout_fraction=1\.5 must be in \[0, 1\)"),
         ("model.num_attention_heads=5", r"divisible by model\.num_attention_heads=5"),
         ("optim.warmup_steps=10000", r"optim\.warmup_steps=10000 must be <= train\.steps"),
+        ("model.num_key_value_heads=3", r"model\.num_key_value_heads=3 must divide model\.num_attention_heads=4"),
     ],
 )
 def test_bad_values_name_key_and_rule(override, pattern):

@@ -268,24 +268,33 @@ def test_linear_cross_entropy(dtype, case):
 # ----------------------------------------------------------------------------- wiring
 
 
-def tiny_ttt(kernels, dtype=torch.float32):
+# Llama's shape as models/convert.py makes it: pre-norm only (an output norm on the fast MLP),
+# grouped-query attention, an untied head, no QK-norm.
+LLAMA_SHAPE = dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, post_norm=False,
+                   fast_post_norm=True, qk_norm=False)
+
+
+def tiny_ttt(kernels, dtype=torch.float32, **shape):
     torch.manual_seed(0)
-    cfg = PonderConfig(vocab_size=61, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                       mode="ttt_e2e", sliding_window=6, mini_batch_size=4, suffix_len=2, kernels=kernels)
+    shape = {"num_attention_heads": 2, **shape}
+    cfg = PonderConfig(vocab_size=61, hidden_size=32, num_hidden_layers=4, intermediate_size=64,
+                       mode="ttt_e2e", sliding_window=6, mini_batch_size=4, suffix_len=2, kernels=kernels, **shape)
     model = PonderForCausalLM(cfg).to(dtype)
     model.inner_lr = 0.5
     return model
 
 
-def test_ttt_model_triton_matches_torch_with_meta_gradient():
-    """Loss, logits and the second-order meta-gradient of every parameter: kernels triton vs torch."""
+@pytest.mark.parametrize("shape", [{}, LLAMA_SHAPE], ids=["ttt_e2e", "llama_shape"])
+def test_ttt_model_triton_matches_torch_with_meta_gradient(shape):
+    """Loss, logits and the second-order meta-gradient of every parameter (the untied head's
+    included): kernels triton vs torch."""
     torch.manual_seed(8)
     x = torch.randint(0, 61, (2, 13))  # chunks of 4: three inner updates, the window cut at 6
     y = torch.cat([x[:, 1:], torch.randint(0, 61, (2, 1))], 1)
     y[0, 5] = -100
     runs = {}
     for kernels in ("torch", "triton"):
-        model = tiny_ttt(kernels)
+        model = tiny_ttt(kernels, **shape)
         out = model(x, targets=y)
         out.loss.backward()
         runs[kernels] = out, {n: p.grad for n, p in model.named_parameters()}

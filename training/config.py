@@ -63,6 +63,8 @@ class ModelConfig:
     hidden_size: int = positive(128)
     num_hidden_layers: int = positive(4)
     num_attention_heads: int = positive(4)
+    # grouped-query attention: key/value heads, each shared by consecutive query heads (null: one per query head)
+    num_key_value_heads: int | None = None
     intermediate_size: int = positive(384)
     # full: causal attention over everything; swa: every block attends to the last
     # `sliding_window` keys; ttt_e2e: swa plus fast-weight MLPs in the suffix blocks.
@@ -74,6 +76,7 @@ class ModelConfig:
     qk_norm: bool = True
     pre_norm: bool = True
     post_norm: bool = True
+    tie_word_embeddings: bool = True  # false: the output projection is a matrix of its own
     max_position_embeddings: int = positive(8192)
     # TTT-E2E only: how many of the last blocks carry fast weights (null: a quarter), and the
     # tokens per inner-loop chunk.
@@ -90,6 +93,10 @@ class ModelConfig:
                 f"model.hidden_size={self.hidden_size} must be divisible by "
                 f"model.num_attention_heads={self.num_attention_heads}"
             )
+        kv = self.num_key_value_heads
+        if kv is not None and (kv <= 0 or self.num_attention_heads % kv):
+            raise ConfigError(f"model.num_key_value_heads={kv} must divide model.num_attention_heads="
+                              f"{self.num_attention_heads} (or be null: one per query head)")
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise ConfigError("model.hidden_size / model.num_attention_heads (the head dim) must be even for RoPE")
         if self.vocab_size is not None and self.vocab_size <= 0:
@@ -104,6 +111,9 @@ class TTTConfig:
     inner_lr: float = positive(1.0)
     inner_lr_init: float = non_negative(0.1)  # warms linearly to inner_lr ...
     inner_lr_warmup: float = fraction(0.1)  # ... over this fraction of the outer steps
+    # The bridge of a converted model (base=...): for this many first steps only the fast MLPs
+    # (W_0 and their norms) train, the slow weights keep the source's values. 0: all train at once.
+    freeze_slow_steps: int = non_negative(0)
     clip: float = positive(1.0)  # global-norm clip of each inner update, over all suffix layers
     update_during_decode: bool = True
     # Recompute each chunk in the backward instead of keeping its activations: memory stops
@@ -200,6 +210,9 @@ class PretrainConfig:
     resume: Any = _field(False, "must be true, false or auto", lambda v: v in (True, False, "auto"))
     device: str = one_of("auto", "auto", "cpu", "cuda")
     dtype: str = one_of("float32", "float32", "bfloat16")
+    # A saved Ponder model to train from (e.g. pipelines/convert_hf.py's output: the bridge of a
+    # converted transformer); its shape replaces model.*, ttt.* still applies. Empty: from scratch.
+    base: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     ttt: TTTConfig = field(default_factory=TTTConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -324,6 +337,28 @@ class CompareConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ConvertModelConfig:
+    """What the conversion chooses; every other shape comes from the source."""
+
+    suffix_len: int | None = None  # blocks that get a fast MLP (null: the last quarter)
+    sliding_window: int = positive(8192)  # keys each query attends to (the released TTT-E2E window)
+    mini_batch_size: int = positive(1024)  # tokens per inner-loop chunk (as released)
+
+
+@dataclass
+class ConvertConfig:
+    """A Hugging Face Llama / Qwen3 checkpoint as a TTT-E2E Ponder model (pipelines/convert_hf.py)."""
+
+    source: str = ""  # a save_pretrained LlamaForCausalLM or Qwen3ForCausalLM directory
+    out: str = ""  # where the Ponder model and the source's tokenizer files are written
+    model: ConvertModelConfig = field(default_factory=ConvertModelConfig)
+
+    def validate(self) -> None:
+        if not self.source or not self.out:
+            raise ConfigError("give source=<a Llama or Qwen3 save_pretrained dir> and out=<a dir for the Ponder model>")
 
 
 @dataclass

@@ -86,14 +86,28 @@ def check_base(base: Path) -> None:
         raise ConfigError(f"base={base}: transformers cannot read its config.json ({e})") from None
 
 
-def check_tokenizer_fits(base: Path, tokenizer) -> None:
-    """Every id the tokenizer makes has a row in the model's embedding, and RLP's special tokens exist."""
+def check_ponder_base(base: Path) -> None:
+    """`base` is a loadable Ponder model (pretraining continues Ponder models; others are converted first)."""
+    check_base(base)
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(base).model_type
+    if model_type != "ponder":
+        raise ConfigError(f"base={base} is a {model_type} model, not a Ponder one: convert it first with "
+                          f"pipelines/convert_hf.py source={base} out=<dir>, then give base=<dir>")
+
+
+def check_tokenizer_fits(base: Path, tokenizer, think_tokens: bool = True) -> None:
+    """Every id the tokenizer makes has a row in the model's embedding, and (think_tokens) RLP's
+    special tokens exist."""
     from transformers import AutoConfig
 
     vocab_size = AutoConfig.from_pretrained(base).vocab_size
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but base={base} has vocab_size={vocab_size}: "
                           "give data.tokenizer=<the tokenizer the base was trained with>")
+    if not think_tokens:
+        return
     vocab = tokenizer.get_vocab()
     missing = [t for t in ("<think>", "</think>") if t not in vocab]
     if missing or tokenizer.eos_token_id is None:

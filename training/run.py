@@ -75,3 +75,14 @@ def build_model(cfg: ModelConfig, tokenizer, ttt: TTTConfig | None = None) -> Po
     config = PonderConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, **fields)
     return PonderForCausalLM(config)
+
+
+def load_base(path: str | Path, ttt: TTTConfig) -> PonderForCausalLM:
+    """A saved Ponder model to train on from its weights, the run's inner-loop settings applied."""
+    model = PonderForCausalLM.from_pretrained(path)
+    c = model.config
+    c.ttt_grad, c.ttt_inner_lr, c.ttt_clip, c.ttt_recompute = ttt.grad, ttt.inner_lr, ttt.clip, ttt.recompute
+    c.ttt_update_during_decode = ttt.update_during_decode
+    c.loss_average = ttt.loss_average or ("chunk" if c.is_ttt else "token")
+    model.inner_lr = ttt.inner_lr
+    return model

@@ -22,7 +22,7 @@ from training.config import OptimConfig, PretrainConfig
 from training.data import PreparedData, WindowLoader, split_window
 from training.evaluate import TaskAccuracy, heldout_bpb
 from training.metrics import MetricsLogger
-from training.run import build_model
+from training.run import build_model, load_base
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -81,6 +81,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.flops_per_token = model.flops_per_token(loader.seq_len)
         self.is_ttt = model.config.is_ttt
+        self.slow_params = [p for name, p in model.named_parameters() if ".fast_mlp." not in name]
         self.boundary_id = model.config.eos_token_id if cfg.data.mask_boundary_targets else None
         if self.is_ttt:
             self.model.inner_lr = self.inner_lr_at(0)
@@ -124,6 +125,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return {"train/loss": float("nan"), "train/skipped_steps": self.skipped_steps, "skipped": True}
         loss.backward()
+        if self.step < self.cfg.ttt.freeze_slow_steps:  # AdamW leaves a parameter without a gradient alone
+            for p in self.slow_params:
+                p.grad = None
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -214,8 +218,9 @@ def run_pretraining(cfg: PretrainConfig, data: PreparedData, run_dir: Path, devi
     """Build the model and train it as `cfg` says (resuming when cfg.resume); returns the summary."""
     if cfg.train.data_tokens:
         cfg = with_data_token_budget(cfg, data)
-    model = build_model(cfg.model, data.tokenizer, cfg.ttt)
-    print(f"model: {cfg.model.name} ({cfg.model.mode}), {model.num_params() / 1e6:.2f}M parameters; "
+    model = load_base(cfg.base, cfg.ttt) if cfg.base else build_model(cfg.model, data.tokenizer, cfg.ttt)
+    name = f"base {cfg.base}" if cfg.base else cfg.model.name
+    print(f"model: {name} ({model.config.mode}), {model.num_params() / 1e6:.2f}M parameters; "
           f"data: {len(data.train_windows)} train / {len(data.heldout_windows)} held-out windows of "
           f"{cfg.data.seq_len} tokens; device: {device}")
     loader = WindowLoader(data.train_windows, cfg.train.batch_size, cfg.seed, thought_mask=data.train_thought_mask)

@@ -1,16 +1,18 @@
 """Worked arithmetic: problems whose answer a few written steps decide, sized for a small model.
 
-Chain sums of two-digit numbers and products of a two-digit by a one-digit number, each with the
-steps that carry the tens:
+Sums of two two-digit numbers and products of a two-digit by a one-digit number, each worked
+column by column, so that every step is a one-digit fact and a carry:
 
-    Question: What is 47 + 85 + 19?
-    Solution: 47 + 85 = 132
-    132 + 19 = 151
-    Answer: 151
+    Question: What is 47 + 85?
+    Solution: 7 + 5 = 12
+    4 + 8 + 1 = 13
+    47 + 85 = 132
+    Answer: 132
 
-Without the steps the answer's digits must be computed in one forward pass; with them, every
-digit is one short addition away. That is where RLP's thoughts can help a model that has learned
-to write them (methods.md §1): the benchmark of pipelines/compare.py.
+Without the steps the answer's digits must be computed in one forward pass; with them, each digit
+is a one-digit fact away (the tokenizer splits numbers into digits, training/tokenizer.py). That
+is where RLP's thoughts can help a model that has learned to write them (methods.md §1): the
+benchmark of pipelines/compare.py.
 """
 
 from __future__ import annotations
@@ -20,29 +22,40 @@ import random
 TASK = "worked_arithmetic"
 
 
-def chain_sum(rng: random.Random) -> tuple[str, str, int]:
-    terms = [rng.randint(10, 99) for _ in range(rng.choice((2, 3)))]
-    steps, total = [], terms[0]
-    for t in terms[1:]:
-        steps.append(f"{total} + {t} = {total + t}")
-        total += t
-    return f"What is {' + '.join(map(str, terms))}?", "\n".join(steps), total
+def add_columns(x: int, y: int) -> list[str]:
+    """Column addition of x + y: one line per column (its digits plus the carry), then the sum."""
+    steps, carry, column = [], 0, 1
+    while x // column or y // column or carry:
+        dx, dy = x // column % 10, y // column % 10
+        if not (x // (column * 10) or y // (column * 10)):  # the last column: its sum is the answer's head
+            steps.append(" + ".join(map(str, [dx, dy] + ([carry] if carry else []))) + f" = {dx + dy + carry}")
+            break
+        total = dx + dy + carry
+        steps.append(" + ".join(map(str, [dx, dy] + ([carry] if carry else []))) + f" = {total}")
+        carry, column = total // 10, column * 10
+    return steps + [f"{x} + {y} = {x + y}"]
+
+
+def column_sum(rng: random.Random) -> tuple[str, str, int]:
+    x, y = rng.randint(10, 99), rng.randint(10, 99)
+    return f"What is {x} + {y}?", "\n".join(add_columns(x, y)), x + y
 
 
 def product(rng: random.Random) -> tuple[str, str, int]:
+    """A two-digit by a one-digit number: the ones, then the tens with the carry."""
     a, b = rng.choice([n for n in range(12, 100) if n % 10]), rng.randint(3, 9)
-    tens, ones = a - a % 10, a % 10
-    steps = [f"{tens} * {b} = {tens * b}", f"{ones} * {b} = {ones * b}", f"{tens * b} + {ones * b} = {a * b}"]
+    ones = a % 10 * b
+    steps = [f"{a % 10} * {b} = {ones}", f"{a // 10} * {b} + {ones // 10} = {a // 10 * b + ones // 10}", f"{a} * {b} = {a * b}"]
     return f"What is {a} * {b}?", "\n".join(steps), a * b
 
 
 def worked_arithmetic(count: int, seed: int) -> list[dict[str, str]]:
-    """`count` problems (question, solution, answer), half chain sums and half products, in an
+    """`count` problems (question, solution, answer), half sums and half products, in an
     order and with numbers fixed by `seed`."""
     rng = random.Random(seed)
     rows = []
     for i in range(count):
-        question, solution, answer = (chain_sum if i % 2 == 0 else product)(rng)
+        question, solution, answer = (column_sum if i % 2 == 0 else product)(rng)
         rows.append({"question": question, "solution": solution, "answer": str(answer)})
     return rows
 

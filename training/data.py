@@ -31,7 +31,7 @@ from training.config import DEFAULT_TASKS, ConfigError, DataConfig
 from training.tokenizer import load_or_train_tokenizer, token_byte_lengths
 
 # Bump when the document format or the generation recipe changes, so old caches are not reused.
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 
 DATA_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 ALLOWED_FORMATS = ("auto", "json", "jsonl", "parquet", "text")

@@ -31,7 +31,8 @@ from training.checkpoint import checkpoint_step, check_model_dir, latest_checkpo
 from training.cluster import start_ray  # noqa: E402
 from training.config import CONFIG_DIR, ConfigError, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
 from training.data import WindowLoader, prepare_data  # noqa: E402
-from training.learner import Learner  # noqa: E402
+from training.distributed import bundle, check_resources, cluster_nodes, in_bundle, place  # noqa: E402
+from training.learner_group import learner_bundles, start_learners  # noqa: E402
 from training.evaluate import TaskAccuracy  # noqa: E402
 from training.metrics import MetricsLogger, read_metrics  # noqa: E402
 from training.rlp_loop import DroppedRewardsError, RLPLoop  # noqa: E402
@@ -102,7 +103,8 @@ def main(argv: list[str]) -> dict:
         check_servable(base)  # a model vLLM cannot serve fails here, before Ray starts
     started = start_ray(cfg.ray_address)
     try:
-        learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir, device)
+        with config_errors_exit():  # a resource request the cluster cannot hold: one line, before any actor
+            learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir)
         if not ray.get(learner.sees.remote(str(run_dir / "config.yaml"))):
             with config_errors_exit():
                 raise ConfigError(f"the learner runs on another node and cannot see {run_dir}: on several nodes "
@@ -130,22 +132,35 @@ def main(argv: list[str]) -> dict:
     return summary
 
 
-def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, run_dir: Path, device):
-    """The Learner actor and the RolloutWorker actors, all starting from `base`."""
+def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, run_dir: Path):
+    """The learner ranks (one LearnerGroup) and the RolloutWorker actors, all starting from `base`,
+    each on the device Ray assigned it."""
     tok = data.tokenizer
     task_eval = None
     if cfg.train.task_problems:
         task_eval = TaskAccuracy(tok, data.heldout_docs, cfg.train.task_problems, cfg.train.task_max_new_tokens,
                                  think_tokens=cfg.rlp.thought_max_tokens)
-    # The learner takes a whole core; rollout workers share what is left (they decode single-threaded).
-    learner = ray.remote(num_cpus=1)(Learner).remote(
-        cfg, str(base), str(run_dir), data.heldout_windows, data.token_bytes, tok.convert_tokens_to_ids("<think>"),
-        tok.pad_token_id, str(device), task_eval, base_counters(base))
-    # A worker whose process dies is started again by Ray; the pool gives it the current weights.
-    workers = [ray.remote(num_cpus=0.5, max_restarts=-1)(RolloutWorker).remote(str(base), tokenizer_dir, cfg.rlp, cfg.reward,
-                                                              cfg.seed * 1000 + i, "cpu", engine=cfg.rollout.engine)
-               for i in range(cfg.rollout.num_workers)]
+    learner_pg, worker_pg = placement(cfg)
+    learner = start_learners(cfg, learner_pg, cfg, str(base), str(run_dir), data.heldout_windows, data.token_bytes,
+                             tok.convert_tokens_to_ids("<think>"), tok.pad_token_id, task_eval=task_eval,
+                             initial_counters=base_counters(base))
+    # A worker whose process dies is started again by Ray (in its bundle); the pool gives it the current weights.
+    r = cfg.rollout
+    workers = [ray.remote(RolloutWorker).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, max_restarts=-1,
+                                                 **in_bundle(worker_pg, i))
+               .remote(str(base), tokenizer_dir, cfg.rlp, cfg.reward, cfg.seed * 1000 + i, None, engine=r.engine)
+               for i in range(r.num_workers)]
     return learner, workers
+
+
+def placement(cfg: RLPMidtrainConfig):
+    """Placement groups for the learner ranks and the rollout workers, from the resource keys.
+    A request the cluster cannot hold fails here, before any actor exists, naming what is missing."""
+    r, lc = cfg.rollout, cfg.learner
+    groups = {"learner": learner_bundles(cfg), "rollout": [bundle(r.cpus_per_worker, r.gpus_per_worker)] * r.num_workers}
+    check_resources(groups, ray.cluster_resources(), cluster_nodes())
+    return (place(groups["learner"], lc.placement, lc.placement_timeout_s, "learner ranks"),
+            place(groups["rollout"], r.placement, lc.placement_timeout_s, "rollout workers"))
 
 
 def base_counters(base: Path) -> dict[str, float]:

@@ -17,6 +17,7 @@ import torch
 
 from rewards import RewardInput, get_reward, group_advantages, score_group
 from rollout.tokens import token_texts
+from rollout.sync import ray_device
 from rollout.torch_engine import TorchEngine
 
 TARGET_TOKENS = 8  # tokens of the true continuation a reward sees (RPT matches multi-token prefixes)
@@ -71,12 +72,13 @@ class RolloutWorker:
     with engine="vllm", on vLLM (Hugging Face architectures only); the teacher, which only scores
     contexts, always runs on the torch engine."""
 
-    def __init__(self, model_dir: str, tokenizer_dir: str, rlp_cfg, reward: str, seed: int, device: str = "cpu",
+    def __init__(self, model_dir: str, tokenizer_dir: str, rlp_cfg, reward: str, seed: int, device: str | None = "cpu",
                  engine: str = "torch"):
         import models  # noqa: F401  (registers the Auto classes)
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
         torch.set_num_threads(1)  # decoding is many tiny ops: threads only add synchronisation
+        device = device or str(ray_device())  # None: the GPU Ray assigned this actor, else the CPU
         self.cfg = rlp_cfg
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
         self.think_open, self.think_close = self.tokenizer.convert_tokens_to_ids(["<think>", "</think>"])

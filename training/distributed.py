@@ -18,10 +18,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from training.config import ConfigError
 from rollout.sync import ray_device  # noqa: F401  (an actor's device, for the learner ranks too)
 
 
-class ResourceError(RuntimeError):
+class ResourceError(ConfigError):
     """The cluster cannot hold what the config asks for; the message names what is missing."""
 
 

@@ -110,6 +110,8 @@ def main(argv: list[str]) -> dict:
                 raise ConfigError(f"the learner runs on another node and cannot see {run_dir}: on several nodes "
                                   "give out_dir=<a path on a filesystem every node sees>")
         pool = RolloutPool(workers, cfg.rollout.timeout_s)
+        if cfg.sync.method == "collective":
+            pool.start_collective(learner, cfg.sync.bucket_mb)
         loop = RLPLoop(cfg, learner, pool, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed))
         resumed = ray.get(learner.resume.remote()) if cfg.resume else None
         if resumed is not None:

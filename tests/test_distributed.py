@@ -1,6 +1,8 @@
 """The graph at scale on CPU: resource checks against the real cluster, N learner ranks in one
 gloo group with FSDP2 against one plain learner, DCP checkpoints across rank counts."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,9 +42,9 @@ def config(extra=()):
                         "rollout.cpus_per_worker=0.5", *extra])
 
 
-def tiny_base(path, mode):
+def tiny_base(path, mode, vocab=V):
     torch.manual_seed(0)
-    PonderForCausalLM(PonderConfig(vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+    PonderForCausalLM(PonderConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                                    intermediate_size=64, mode=mode, sliding_window=16, mini_batch_size=8,
                                    eos_token_id=5)).save_pretrained(path)
 
@@ -75,8 +77,6 @@ def group(ray, cfg, tmp_path, run, ranks=2):
     from training.distributed import place
     from training.learner_group import learner_bundles, start_learners
 
-    cfg = load_config(RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", [])  if cfg is None else cfg
-    import dataclasses
     cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, num_ranks=ranks))
     pg = place(learner_bundles(cfg), "pack", 60, "learner ranks")
     return start_learners(cfg, pg, *learner_args(cfg, tmp_path, run))
@@ -154,3 +154,38 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_two(ray_cluster, tmp_path):
     on_one = one.weights()[0]
     print(f"resumed on 2 ranks: {max_rel_err(on_two, expected):.2e}, on 1: {max_rel_err(on_one, expected):.2e}")
     assert max_rel_err(on_two, expected) <= 1e-6 and max_rel_err(on_one, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("workers,ranks", [(1, 1), (2, 2)])
+def test_collective_sync_gives_every_engine_the_learners_weights(ray_cluster, tmp_path, workers, ranks):
+    """Learner rank 0 broadcasts policy and EMA in many small buckets; every engine ends with
+    exactly the learner's tensors and version."""
+    ray = ray_cluster
+    from rollout.pool import RolloutPool
+    from rollout.worker import RolloutWorker
+    from training.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([f"what is {i} + {i * 3}? {i * 4}" for i in range(100)], vocab_size=280)
+    tok.save_pretrained(tmp_path / "tok")
+    tiny_base(tmp_path / "base", "ttt_e2e", vocab=len(tok))
+    cfg = config()
+    learner = group(ray, cfg, tmp_path, "run", ranks=ranks)
+    engines = [ray.remote(RolloutWorker).options(num_cpus=0.5).remote(
+        str(tmp_path / "base"), str(tmp_path / "tok"), cfg.rlp, cfg.reward, i) for i in range(workers)]
+    pool = RolloutPool(engines, timeout_s=120)
+    pool.start_collective(learner, bucket_mb=0.01)  # ~10 KB buckets: dozens of broadcasts
+    windows, samples = batch()
+    for step in range(2):
+        ray.get(learner.train_step.remote(rollouts(samples), windows))
+        pool.sync(learner)
+    policy, ema, version = ray.get(learner.weights.options(num_returns=3).remote())
+    assert version == 2 and max_rel_err(policy, ema) > 1e-4  # two different models travelled
+    for e in engines:
+        assert ray.get(e.versions.remote()) == (2, 2)
+        for mine, theirs in ((ray.get(e.weights.remote()), policy), (ray.get(e.weights.remote(teacher=True)), ema)):
+            assert mine.keys() == theirs.keys()
+            for k in mine:
+                assert torch.equal(mine[k], theirs[k]), k
+    for e in engines:
+        ray.kill(e)
+    stop(ray, learner)

@@ -273,6 +273,16 @@ class RolloutConfig:
 
 
 @dataclass
+class SyncConfig:
+    """How new weights reach the rollout engines (rollout/sync.py)."""
+
+    # collective: learner rank 0 broadcasts them over a process group joining it with every engine
+    # (NCCL on GPU, gloo on CPU); object_store: one copy in Ray's object store that every worker reads.
+    method: str = one_of("object_store", "object_store", "collective")
+    bucket_mb: float = positive(64.0)  # tensors flattened into broadcasts of about this size
+
+
+@dataclass
 class LearnerConfig:
     """The learner's ranks: Ray actors in one torch.distributed group, FSDP2 over the prefix
     blocks when num_ranks > 1 (training/distributed.py). Each rank uses the GPU Ray gives it,
@@ -313,6 +323,7 @@ class RLPMidtrainConfig(PretrainConfig):
     rlp: RLPConfig = field(default_factory=RLPConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     pretrain: PretrainStageConfig = field(default_factory=PretrainStageConfig)
 
     def validate(self) -> None:

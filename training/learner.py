@@ -174,6 +174,24 @@ class Learner:
 
         return cpu(self.model), cpu(self.ema), self.version
 
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a free port, for a process group rank 0 hosts."""
+        return distributed.free_address()
+
+    def join_sync(self, addr: str, port: int, world: int, bucket_mb: float, timeout_s: float) -> None:
+        """Rank 0 opens the weight broadcast to the engines (sync.method=collective) as its member 0."""
+        if self.rank == 0:
+            from rollout.sync import WeightBroadcast
+
+            self.sync = WeightBroadcast(addr, port, 0, world, self.device, bucket_mb, timeout_s)
+
+    def broadcast_weights(self) -> int:
+        """Policy and EMA, gathered from every rank, broadcast by rank 0 to every engine; the version."""
+        policy, ema, version = self.weights()
+        if self.rank == 0:
+            self.sync.send([policy, ema], version)
+        return version
+
     def plain_model(self):
         """The policy as one unsharded CPU model on rank 0 (None on the others); every rank calls it."""
         if self.world == 1:

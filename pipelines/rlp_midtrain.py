@@ -90,21 +90,22 @@ def main(argv: list[str]) -> dict:
         data = prepare_data(cfg.data, run_dir, cfg.seed)
         if base is not None:
             check_tokenizer_fits(base, data.tokenizer)
-    base = base or pretrain_base(cfg, data, run_dir, device)
     if cfg.train.data_tokens:  # steps follow from the corpus tokens to spend
         steps = max(1, math.ceil(cfg.train.data_tokens / (cfg.rollout.windows_per_step * cfg.data.seq_len)))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps),
                                   optim=dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps)))
     tokenizer_dir = str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else str(run_dir / "tokenizer")
 
-    if cfg.rollout.engine == "vllm":
+    if cfg.rollout.engine == "vllm":  # (vllm needs a given base: validated)
         from rollout.vllm_engine import check_servable
 
         check_servable(base)  # a model vLLM cannot serve fails here, before Ray starts
     started = start_ray(cfg.ray_address)
     try:
-        with config_errors_exit():  # a resource request the cluster cannot hold: one line, before any actor
-            learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir)
+        with config_errors_exit():  # a resource request the cluster cannot hold: one line, before anything runs
+            groups = placement(cfg)
+        base = base or pretrain_base(cfg, data, run_dir, device)
+        learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir, groups)
         if not ray.get(learner.sees.remote(str(run_dir / "config.yaml"))):
             with config_errors_exit():
                 raise ConfigError(f"the learner runs on another node and cannot see {run_dir}: on several nodes "
@@ -134,7 +135,7 @@ def main(argv: list[str]) -> dict:
     return summary
 
 
-def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, run_dir: Path):
+def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, run_dir: Path, groups):
     """The learner ranks (one LearnerGroup) and the RolloutWorker actors, all starting from `base`,
     each on the device Ray assigned it."""
     tok = data.tokenizer
@@ -142,7 +143,7 @@ def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, ru
     if cfg.train.task_problems:
         task_eval = TaskAccuracy(tok, data.heldout_docs, cfg.train.task_problems, cfg.train.task_max_new_tokens,
                                  think_tokens=cfg.rlp.thought_max_tokens)
-    learner_pg, worker_pg = placement(cfg)
+    learner_pg, worker_pg = groups
     learner = start_learners(cfg, learner_pg, cfg, str(base), str(run_dir), data.heldout_windows, data.token_bytes,
                              tok.convert_tokens_to_ids("<think>"), tok.pad_token_id, task_eval=task_eval,
                              initial_counters=base_counters(base))

@@ -189,3 +189,26 @@ def test_collective_sync_gives_every_engine_the_learners_weights(ray_cluster, tm
     for e in engines:
         ray.kill(e)
     stop(ray, learner)
+
+
+@pytest.mark.slow
+def test_pipeline_with_two_ranks_two_workers_and_collective_sync(tmp_path):
+    """pipelines/rlp_midtrain.py end to end on a local cluster: 2 learner ranks, 2 workers, weights
+    by broadcast; model/ and a sharded checkpoint come out. Asking for a GPU fails in one line."""
+    from tests.test_resume import finish, pipeline
+    from training.checkpoint import check_model_dir
+    from training.metrics import read_metrics
+
+    scale = ["learner.num_ranks=2", "rollout.num_workers=2", "sync.method=collective", "learner.cpus_per_rank=0.5",
+             "rollout.cpus_per_worker=0.5", "pretrain.steps=10", "train.steps=4", "train.save_every=2"]
+    out = finish(pipeline(tmp_path, "run_name=scale", *scale))
+    records = read_metrics(tmp_path / "scale" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(5)) and all(r["rlp/samples"] > 0 for r in records[1:])
+    check_model_dir(tmp_path / "scale" / "model")
+    assert (tmp_path / "scale" / "checkpoints" / "step_00000004" / "dcp" / ".metadata").is_file()
+    assert "config error" not in out
+
+    proc = pipeline(tmp_path, "run_name=gpu", *scale, "learner.gpus_per_rank=1")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "config error: the config asks for 2 GPU" in out and "has 0 GPU" in out, out[-2000:]
+    assert not (tmp_path / "gpu" / "base").exists()  # failed before pretraining anything

@@ -127,6 +127,8 @@ def test_two_ranks_step_as_one(ray_cluster, tmp_path, mode):
 
 @pytest.mark.slow
 def test_checkpoint_of_two_ranks_resumes_on_one_and_two(ray_cluster, tmp_path):
+    """DCP checkpoints: 2 ranks write, 1 and 2 ranks resume and take the step the writer took next;
+    then 1 rank writes and 2 resume."""
     ray = ray_cluster
     from training.checkpoint import check_model_dir
     from training.learner import Learner
@@ -154,6 +156,14 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_two(ray_cluster, tmp_path):
     on_one = one.weights()[0]
     print(f"resumed on 2 ranks: {max_rel_err(on_two, expected):.2e}, on 1: {max_rel_err(on_one, expected):.2e}")
     assert max_rel_err(on_two, expected) <= 1e-6 and max_rel_err(on_one, expected) <= 1e-5
+
+    one.save({"loader": 8})  # and back: one rank's checkpoint, resumed on two
+    policy, ema, _ = one.weights()
+    two = group(ray, cfg, tmp_path, "run")
+    assert ray.get(two.resume.remote()) == {"version": 2, "loader": 8}
+    got = ray.get(two.weights.options(num_returns=3).remote()[:2])
+    assert all(torch.equal(got[0][k], policy[k]) and torch.equal(got[1][k], ema[k]) for k in policy)
+    stop(ray, two)
 
 
 @pytest.mark.parametrize("workers,ranks", [(1, 1), (2, 2)])

@@ -170,7 +170,7 @@ def load_sharded_state(path, model, ema, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = sharded_state(model, ema, optimizer)  # the templates DCP fills in place
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
     set_model_state_dict(ema, state["ema"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -185,7 +185,8 @@ def full_state(model) -> dict:
 
 def save_sharded_checkpoint(run_dir, step: int, state: dict, sharded: dict, keep: int = 2):
     """checkpoints/step_<step>/ holding dcp/ (every rank's shards) and state.pt (rank 0's `state`:
-    counters, RNGs, the driver's state), made whole in a temporary directory and renamed by rank 0."""
+    counters, RNGs, the driver's state), made whole in a temporary directory and renamed by rank 0.
+    Without a process group: one process writes all of it."""
     import shutil
     from pathlib import Path
 
@@ -195,17 +196,20 @@ def save_sharded_checkpoint(run_dir, step: int, state: dict, sharded: dict, keep
 
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
-    rank = dist.get_rank()
+    group = dist.is_initialized()
+    rank = dist.get_rank() if group else 0
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save(sharded, checkpoint_id=str(tmp / "dcp"))
+    if group:
+        dist.barrier()
+    dcp.save(sharded, checkpoint_id=str(tmp / "dcp"), no_dist=not group)
     if rank == 0:
         torch.save({**state, "sharded": True}, tmp / "state.pt")
         _fsync_tree(tmp)
         _replace_dir(tmp, final)
         for old in sorted(root.glob("step_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    if group:
+        dist.barrier()
     return final

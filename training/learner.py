@@ -27,7 +27,7 @@ import torch
 
 from models.hf import flops_per_token, is_ttt, next_token_loss
 from rollout.worker import Rollouts
-from training.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, save_model, set_rng_state
+from training.checkpoint import load_latest_checkpoint, rng_state, save_model, set_rng_state
 from training import distributed
 from training.data import split_window
 from training.evaluate import heldout_bpb
@@ -220,14 +220,10 @@ class Learner:
     # ------------------------------------------------------------------------------- checkpoint
     def save(self, extra: dict | None = None) -> str:
         """`extra`: the driver's own state (loader, RNGs, the workers' generators), saved with ours."""
+        # DCP: every rank writes its shards, and any number of ranks reads them; model/ is gathered on rank 0.
         state = {"version": self.version, "counters": self.counters, "rng": rng_state(), "extra": extra or {}}
-        if self.world > 1:  # every rank writes its shards (DCP); model/ is gathered on rank 0
-            path = distributed.save_sharded_checkpoint(
-                self.run_dir, self.version, state, distributed.sharded_state(self.model, self.ema, self.optimizer))
-        else:
-            state.update(model=self.model.state_dict(), ema=self.ema.state_dict(),
-                         optimizer=self.optimizer.state_dict())
-            path = save_checkpoint(self.run_dir, self.version, state)
+        path = distributed.save_sharded_checkpoint(self.run_dir, self.version, state,
+                                                   distributed.sharded_state(self.model, self.ema, self.optimizer))
         model = self.plain_model()
         if model is not None:
             save_model(model, self.run_dir / "model")
@@ -242,8 +238,8 @@ class Learner:
         if state.get("sharded"):  # DCP: written by any number of ranks, read by this many
             distributed.load_sharded_state(path / "dcp", self.model, self.ema, self.optimizer)
         elif self.world > 1:
-            raise ValueError(f"checkpoint {path} was written by one rank: resume it with learner.num_ranks=1")
-        else:
+            raise ValueError(f"checkpoint {path} is of the older single-file kind: resume it with learner.num_ranks=1")
+        else:  # the single-file checkpoints of earlier versions
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])

@@ -31,7 +31,7 @@ from training.checkpoint import checkpoint_step, check_model_dir, latest_checkpo
 from training.cluster import start_ray  # noqa: E402
 from training.config import CONFIG_DIR, ConfigError, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
 from training.data import WindowLoader, prepare_data  # noqa: E402
-from training.distributed import bundle, check_resources, cluster_nodes, in_bundle, place  # noqa: E402
+from training.distributed import ResourceError, bundle, check_resources, cluster_nodes, in_bundle, place  # noqa: E402
 from training.learner_group import learner_bundles, start_learners  # noqa: E402
 from training.evaluate import TaskAccuracy  # noqa: E402
 from training.metrics import MetricsLogger, read_metrics  # noqa: E402
@@ -162,8 +162,12 @@ def placement(cfg: RLPMidtrainConfig):
     r, lc = cfg.rollout, cfg.learner
     groups = {"learner": learner_bundles(cfg), "rollout": [bundle(r.cpus_per_worker, r.gpus_per_worker)] * r.num_workers}
     check_resources(groups, ray.cluster_resources(), cluster_nodes())
-    return (place(groups["learner"], lc.placement, lc.placement_timeout_s, "learner ranks"),
-            place(groups["rollout"], r.placement, lc.placement_timeout_s, "rollout workers"))
+    learner = place(groups["learner"], lc.placement, lc.placement_timeout_s, "learner ranks")
+    try:
+        return learner, place(groups["rollout"], r.placement, lc.placement_timeout_s, "rollout workers")
+    except ResourceError:
+        ray.util.remove_placement_group(learner)
+        raise
 
 
 def base_counters(base: Path) -> dict[str, float]:

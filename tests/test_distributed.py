@@ -130,6 +130,8 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_two(ray_cluster, tmp_path):
     """DCP checkpoints: 2 ranks write, 1 and 2 ranks resume and take the step the writer took next;
     then 1 rank writes and 2 resume."""
     ray = ray_cluster
+    from transformers import AutoModelForCausalLM
+
     from training.checkpoint import check_model_dir
     from training.learner import Learner
 
@@ -140,6 +142,9 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_two(ray_cluster, tmp_path):
     ray.get(two.train_step.remote(rollouts(s1), w1))
     ray.get(two.save.remote({"loader": 7}))
     check_model_dir(tmp_path / "run" / "model")  # one save_pretrained dir, gathered
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").state_dict()
+    policy = ray.get(two.weights.options(num_returns=3).remote()[0])
+    assert saved.keys() == policy.keys() and all(torch.equal(saved[k], policy[k]) for k in saved)
     assert (tmp_path / "run" / "checkpoints" / "step_00000001" / "dcp" / ".metadata").is_file()
     ray.get(two.train_step.remote(rollouts(s2), w2))  # the run goes on: what both resumes must reproduce
     expected = ray.get(two.weights.options(num_returns=3).remote()[0])
@@ -222,3 +227,24 @@ def test_pipeline_with_two_ranks_two_workers_and_collective_sync(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "config error: the config asks for 2 GPU" in out and "has 0 GPU" in out, out[-2000:]
     assert not (tmp_path / "gpu" / "base").exists()  # failed before pretraining anything
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(ray_cluster, tmp_path):
+    """dtype=bfloat16 with 2 ranks: bf16 compute (the step differs from fp32's, a little), fp32
+    master weights and reduction."""
+    ray = ray_cluster
+    from training.learner import Learner
+
+    tiny_base(tmp_path / "base", "ttt_e2e")
+    windows, samples = batch()
+    two = group(ray, config(["dtype=bfloat16"]), tmp_path, "bf16")
+    m2 = ray.get(two.train_step.remote(rollouts(samples), windows))
+    policy = ray.get(two.weights.options(num_returns=3).remote()[0])
+    stop(ray, two)
+    one = Learner(*learner_args(config(), tmp_path, "fp32"))
+    m1 = one.train_step(rollouts(samples), windows)
+    err = max_rel_err(policy, one.weights()[0])
+    print(f"bf16 vs fp32: loss {m2['train/loss']:.5f} vs {m1['train/loss']:.5f}, parameters {err:.1e}")
+    assert all(t.dtype == torch.float32 for t in policy.values())
+    assert m2["train/loss"] == pytest.approx(m1["train/loss"], rel=1e-3)
+    assert 1e-5 < err < 2e-2

@@ -201,11 +201,9 @@ class Learner:
         state = distributed.full_state(self.model)
         if self.rank:
             return None
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(self.model.config)
-        model.load_state_dict(state, assign=True)
-        model.tie_weights()
-        return model
+        model = AutoModelForCausalLM.from_config(self.model.config)  # on the CPU: buffers made, not loaded
+        model.load_state_dict(state)
+        return model.eval()
 
     def evaluate(self) -> dict:
         # Every rank runs the same held-out batches (the sharded forward is collective).
@@ -214,7 +212,7 @@ class Learner:
         if self.task_eval is not None:  # decoding reads W_0 outside forward: on a whole model, on rank 0
             model = self.plain_model()
             if model is not None:
-                metrics.update(self.task_eval(model))
+                metrics.update(self.task_eval(model.to(self.device)))
         return {**metrics, **self.counters}
 
     # ------------------------------------------------------------------------------- checkpoint

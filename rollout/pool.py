@@ -52,7 +52,8 @@ class RolloutPool:
         addr, port = ray.get(learner.rendezvous.remote())
         world = 1 + len(self.workers)
         refs = [learner.join_sync.remote(addr, port, world, bucket_mb, self.timeout_s)]
-        refs += [w.join_sync.remote(addr, port, i + 1, world, bucket_mb, self.timeout_s) for i, w in enumerate(self.workers)]
+        refs += [w.join_sync.remote(addr, port, i + 1, world, bucket_mb, self.timeout_s)
+                 for i, w in enumerate(self.workers)]
         ray.get(refs)
         self.collective = True
 

@@ -27,8 +27,8 @@ import torch
 
 from models.hf import flops_per_token, is_ttt, next_token_loss
 from rollout.worker import Rollouts
-from training.checkpoint import load_latest_checkpoint, rng_state, save_model, set_rng_state
 from training import distributed
+from training.checkpoint import load_latest_checkpoint, rng_state, save_model, set_rng_state
 from training.data import split_window
 from training.evaluate import heldout_bpb
 from training.losses import rlp_policy_loss, thought_batch

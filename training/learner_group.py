@@ -64,7 +64,8 @@ def start_learners(cfg, pg, *args, **kwargs) -> LearnerGroup:
     n = cfg.learner.num_ranks
     group = None
     if n > 1:
-        addr, port = ray.get(ray.remote(distributed.free_address).options(num_cpus=0, **distributed.in_bundle(pg, 0)).remote())
+        rendezvous = ray.remote(distributed.free_address).options(num_cpus=0, **distributed.in_bundle(pg, 0))
+        addr, port = ray.get(rendezvous.remote())
         group = {"world": n, "addr": addr, "port": port}
     actor = ray.remote(Learner)
     ranks = [actor.options(num_cpus=cfg.learner.cpus_per_rank, num_gpus=cfg.learner.gpus_per_rank,

@@ -31,7 +31,8 @@ from training.checkpoint import checkpoint_step, check_model_dir, latest_checkpo
 from training.cluster import start_ray  # noqa: E402
 from training.config import CONFIG_DIR, ConfigError, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
 from training.data import WindowLoader, prepare_data  # noqa: E402
-from training.learner import Learner  # noqa: E402
+from training.distributed import ResourceError, bundle, check_resources, cluster_nodes, in_bundle, place  # noqa: E402
+from training.learner_group import learner_bundles, start_learners  # noqa: E402
 from training.evaluate import TaskAccuracy  # noqa: E402
 from training.metrics import MetricsLogger, read_metrics  # noqa: E402
 from training.rlp_loop import DroppedRewardsError, RLPLoop  # noqa: E402
@@ -89,25 +90,29 @@ def main(argv: list[str]) -> dict:
         data = prepare_data(cfg.data, run_dir, cfg.seed)
         if base is not None:
             check_tokenizer_fits(base, data.tokenizer)
-    base = base or pretrain_base(cfg, data, run_dir, device)
     if cfg.train.data_tokens:  # steps follow from the corpus tokens to spend
         steps = max(1, math.ceil(cfg.train.data_tokens / (cfg.rollout.windows_per_step * cfg.data.seq_len)))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps),
                                   optim=dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps)))
     tokenizer_dir = str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else str(run_dir / "tokenizer")
 
-    if cfg.rollout.engine == "vllm":
+    if cfg.rollout.engine == "vllm":  # (vllm needs a given base: validated)
         from rollout.vllm_engine import check_servable
 
         check_servable(base)  # a model vLLM cannot serve fails here, before Ray starts
     started = start_ray(cfg.ray_address)
     try:
-        learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir, device)
+        with config_errors_exit():  # a resource request the cluster cannot hold: one line, before anything runs
+            groups = placement(cfg)
+        base = base or pretrain_base(cfg, data, run_dir, device)
+        learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir, groups)
         if not ray.get(learner.sees.remote(str(run_dir / "config.yaml"))):
             with config_errors_exit():
                 raise ConfigError(f"the learner runs on another node and cannot see {run_dir}: on several nodes "
                                   "give out_dir=<a path on a filesystem every node sees>")
         pool = RolloutPool(workers, cfg.rollout.timeout_s)
+        if cfg.sync.method == "collective":
+            pool.start_collective(learner, cfg.sync.bucket_mb)
         loop = RLPLoop(cfg, learner, pool, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed))
         resumed = ray.get(learner.resume.remote()) if cfg.resume else None
         if resumed is not None:
@@ -130,22 +135,39 @@ def main(argv: list[str]) -> dict:
     return summary
 
 
-def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, run_dir: Path, device):
-    """The Learner actor and the RolloutWorker actors, all starting from `base`."""
+def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, run_dir: Path, groups):
+    """The learner ranks (one LearnerGroup) and the RolloutWorker actors, all starting from `base`,
+    each on the device Ray assigned it."""
     tok = data.tokenizer
     task_eval = None
     if cfg.train.task_problems:
         task_eval = TaskAccuracy(tok, data.heldout_docs, cfg.train.task_problems, cfg.train.task_max_new_tokens,
                                  think_tokens=cfg.rlp.thought_max_tokens)
-    # The learner takes a whole core; rollout workers share what is left (they decode single-threaded).
-    learner = ray.remote(num_cpus=1)(Learner).remote(
-        cfg, str(base), str(run_dir), data.heldout_windows, data.token_bytes, tok.convert_tokens_to_ids("<think>"),
-        tok.pad_token_id, str(device), task_eval, base_counters(base))
-    # A worker whose process dies is started again by Ray; the pool gives it the current weights.
-    workers = [ray.remote(num_cpus=0.5, max_restarts=-1)(RolloutWorker).remote(str(base), tokenizer_dir, cfg.rlp, cfg.reward,
-                                                              cfg.seed * 1000 + i, "cpu", engine=cfg.rollout.engine)
-               for i in range(cfg.rollout.num_workers)]
+    learner_pg, worker_pg = groups
+    learner = start_learners(cfg, learner_pg, cfg, str(base), str(run_dir), data.heldout_windows, data.token_bytes,
+                             tok.convert_tokens_to_ids("<think>"), tok.pad_token_id, task_eval=task_eval,
+                             initial_counters=base_counters(base))
+    # A worker whose process dies is started again by Ray (in its bundle); the pool gives it the current weights.
+    r = cfg.rollout
+    workers = [ray.remote(RolloutWorker).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, max_restarts=-1,
+                                                 **in_bundle(worker_pg, i))
+               .remote(str(base), tokenizer_dir, cfg.rlp, cfg.reward, cfg.seed * 1000 + i, None, engine=r.engine)
+               for i in range(r.num_workers)]
     return learner, workers
+
+
+def placement(cfg: RLPMidtrainConfig):
+    """Placement groups for the learner ranks and the rollout workers, from the resource keys.
+    A request the cluster cannot hold fails here, before any actor exists, naming what is missing."""
+    r, lc = cfg.rollout, cfg.learner
+    groups = {"learner": learner_bundles(cfg), "rollout": [bundle(r.cpus_per_worker, r.gpus_per_worker)] * r.num_workers}
+    check_resources(groups, ray.cluster_resources(), cluster_nodes())
+    learner = place(groups["learner"], lc.placement, lc.placement_timeout_s, "learner ranks")
+    try:
+        return learner, place(groups["rollout"], r.placement, lc.placement_timeout_s, "rollout workers")
+    except ResourceError:
+        ray.util.remove_placement_group(learner)
+        raise
 
 
 def base_counters(base: Path) -> dict[str, float]:

@@ -9,6 +9,10 @@ A worker is a Ray actor created with `max_restarts`: when its process dies, Ray 
 from its constructor (the base weights), so before it takes the retried shard it loads the weights
 the learner last sent (`sync`). A worker that does not answer within `timeout_s` is left out of the
 step (its shard is dropped). Both are counted: `rollouts/worker_restarts`, `rollouts/worker_timeouts`.
+
+Weights reach the workers through the object store, or (`start_collective`, sync.method=collective)
+by learner rank 0's broadcast over a process group with every worker (rollout/sync.py). Such a
+group cannot take a restarted process back: with it, a worker's death stops the run (resume=true).
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ class AllWorkersFailed(RuntimeError):
     """No rollout worker answered for a whole step."""
 
 
+class WorkerLost(AllWorkersFailed):
+    """A worker died while the weights travel by a collective it can no longer join."""
+
+
 @dataclass
 class Pending:
     shards: list[torch.Tensor]
@@ -37,6 +45,17 @@ class RolloutPool:
         self.workers, self.timeout_s, self.max_retries = workers, timeout_s, max_retries
         self.weights = None  # the (policy, ema, version) refs last sent, for a restarted worker
         self.restarts = self.timeouts = 0
+        self.collective = False
+
+    def start_collective(self, learner, bucket_mb: float) -> None:
+        """One process group: learner rank 0 (member 0, the group's host) and every worker."""
+        addr, port = ray.get(learner.rendezvous.remote())
+        world = 1 + len(self.workers)
+        refs = [learner.join_sync.remote(addr, port, world, bucket_mb, self.timeout_s)]
+        refs += [w.join_sync.remote(addr, port, i + 1, world, bucket_mb, self.timeout_s)
+                 for i, w in enumerate(self.workers)]
+        ray.get(refs)
+        self.collective = True
 
     def submit(self, windows: torch.Tensor) -> Pending:
         shards = list(windows.chunk(len(self.workers)))
@@ -54,6 +73,10 @@ class RolloutPool:
                     ray.cancel(future, force=False)
                     break
                 except ray.exceptions.RayActorError:  # died (or is restarting): retry the shard on its next life
+                    if self.collective:
+                        raise WorkerLost(f"rollout worker {i} died and sync.method=collective cannot take its next life "
+                                         "into the broadcast group; resume=true continues from the last checkpoint "
+                                         "(sync.method=object_store survives worker deaths)") from None
                     if attempt == self.max_retries:
                         break
                     self.restarts += 1
@@ -67,6 +90,11 @@ class RolloutPool:
     def sync(self, learner, wait: bool = True) -> None:
         """The learner's current policy and EMA weights into every worker (object store, once).
         Without `wait` they land behind any rollout in flight (an actor runs its tasks in order)."""
+        if self.collective:  # learner rank 0 broadcasts, every worker receives
+            refs = [learner.broadcast_weights.remote()] + [w.receive_weights.remote() for w in self.workers]
+            if wait:
+                ray.get(refs)
+            return
         self.weights = learner.weights.options(num_returns=3).remote()
         refs = [w.load_weights.remote(*self.weights) for w in self.workers]
         for ref in refs if wait else ():

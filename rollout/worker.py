@@ -17,6 +17,7 @@ import torch
 
 from rewards import RewardInput, get_reward, group_advantages, score_group
 from rollout.tokens import token_texts
+from rollout.sync import WeightBroadcast, ray_device
 from rollout.torch_engine import TorchEngine
 
 TARGET_TOKENS = 8  # tokens of the true continuation a reward sees (RPT matches multi-token prefixes)
@@ -71,12 +72,13 @@ class RolloutWorker:
     with engine="vllm", on vLLM (Hugging Face architectures only); the teacher, which only scores
     contexts, always runs on the torch engine."""
 
-    def __init__(self, model_dir: str, tokenizer_dir: str, rlp_cfg, reward: str, seed: int, device: str = "cpu",
+    def __init__(self, model_dir: str, tokenizer_dir: str, rlp_cfg, reward: str, seed: int, device: str | None = "cpu",
                  engine: str = "torch"):
         import models  # noqa: F401  (registers the Auto classes)
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
         torch.set_num_threads(1)  # decoding is many tiny ops: threads only add synchronisation
+        device = device or str(ray_device())  # None: the GPU Ray assigned this actor, else the CPU
         self.cfg = rlp_cfg
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
         self.think_open, self.think_close = self.tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
@@ -101,11 +103,27 @@ class RolloutWorker:
         self.teacher.load_weights(ema_state, version)
         return version
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The policy's weights (torch engine; vLLM keeps them in its own fused layout)."""
-        if not isinstance(self.policy, TorchEngine):
+    def join_sync(self, addr: str, port: int, rank: int, world: int, bucket_mb: float, timeout_s: float) -> None:
+        """Join the learner's weight broadcast (sync.method=collective) as member `rank`."""
+        self.sync = WeightBroadcast(addr, port, rank, world, self.teacher.device, bucket_mb, timeout_s)
+
+    def receive_weights(self) -> int:
+        """The policy and EMA weights learner rank 0 broadcasts; returns their version. The teacher
+        (always the torch engine, same architecture) gives the layout for both."""
+        template = self.teacher.model.state_dict()
+        (policy, ema), version = self.sync.receive([template, template])
+        return self.load_weights(policy, ema, version)
+
+    def weights(self, teacher: bool = False) -> dict[str, torch.Tensor]:
+        """The policy's (or the EMA teacher's) weights, on the CPU (torch engine; vLLM keeps them in
+        its own fused layout)."""
+        engine = self.teacher if teacher else self.policy
+        if not isinstance(engine, TorchEngine):
             raise NotImplementedError("weights() reads the torch engine's model only")
-        return {k: v.detach().clone() for k, v in self.policy.model.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in engine.model.state_dict().items()}
+
+    def versions(self) -> tuple[int, int]:
+        return self.policy.version, self.teacher.version
 
     def rng_state(self) -> dict:
         """The generators a rollout draws from (positions, sampling), for an exact resume."""

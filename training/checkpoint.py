@@ -85,7 +85,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not (path / "state.pt").is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path / 'state.pt'})")
     # Our own files: optimiser and RNG states are not plain tensors.
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    if state.get("sharded") and not (path / "dcp" / ".metadata").is_file():  # written by N ranks (DCP)
+        raise FileNotFoundError(f"sharded checkpoint {path} has no {path / 'dcp' / '.metadata'}")
+    return state
 
 
 def load_latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:

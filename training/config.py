@@ -266,6 +266,34 @@ class RolloutConfig:
     # Sample the next step's thoughts while the learner trains this one (one version behind).
     asynchronous: bool = True
     timeout_s: float = positive(600.0)  # a worker silent this long is left out of the step (counted)
+    # Ray resources of each worker; a fraction of a GPU lets several engines share one.
+    gpus_per_worker: float = non_negative(0.0)
+    cpus_per_worker: float = non_negative(0.5)
+    placement: str = one_of("pack", "pack", "spread")  # the workers' placement group strategy
+
+
+@dataclass
+class SyncConfig:
+    """How new weights reach the rollout engines (rollout/sync.py)."""
+
+    # collective: learner rank 0 broadcasts them over a process group joining it with every engine
+    # (NCCL on GPU, gloo on CPU); object_store: one copy in Ray's object store that every worker reads.
+    method: str = one_of("object_store", "object_store", "collective")
+    bucket_mb: float = positive(64.0)  # tensors flattened into broadcasts of about this size
+
+
+@dataclass
+class LearnerConfig:
+    """The learner's ranks: Ray actors in one torch.distributed group, FSDP2 over the prefix
+    blocks when num_ranks > 1 (training/distributed.py). Each rank uses the GPU Ray gives it,
+    else the CPU."""
+
+    num_ranks: int = positive(1)
+    gpus_per_rank: int = _field(0, "must be 0 or 1 (one rank drives one GPU)", lambda v: v in (0, 1))
+    cpus_per_rank: float = positive(1.0)
+    placement: str = one_of("pack", "pack", "spread")
+    # Seconds to wait for the cluster to place the actors before failing (never PENDING forever).
+    placement_timeout_s: float = positive(120.0)
 
 
 @dataclass
@@ -294,6 +322,8 @@ class RLPMidtrainConfig(PretrainConfig):
     ray_address: str = ""  # empty: join the cluster of `ray job submit`, or start a local one
     rlp: RLPConfig = field(default_factory=RLPConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     pretrain: PretrainStageConfig = field(default_factory=PretrainStageConfig)
 
     def validate(self) -> None:
@@ -301,6 +331,9 @@ class RLPMidtrainConfig(PretrainConfig):
         if self.rollout.engine == "vllm" and not self.base:
             raise ConfigError("rollout.engine=vllm needs base=<a Hugging Face causal LM dir vLLM serves>: the base "
                               "this pipeline would pretrain is a Ponder model, which needs rollout.engine=torch")
+        if self.rollout.windows_per_step % self.learner.num_ranks:
+            raise ConfigError(f"rollout.windows_per_step={self.rollout.windows_per_step} must be divisible by "
+                              f"learner.num_ranks={self.learner.num_ranks} (each rank trains an equal share)")
         if self.rlp.min_context >= self.data.seq_len:
             raise ConfigError(f"rlp.min_context={self.rlp.min_context} must be < data.seq_len={self.data.seq_len}")
         from rewards import get_reward  # fail at start, listing the registered rewards

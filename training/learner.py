@@ -8,11 +8,18 @@ L_RLP is computed on [x_<t ; <think> ; c_i], so with TTT-E2E the thought's log-p
 come from fast weights already adapted on x_<t, and its gradient reaches the slow weights (and
 W_0) through the inner loop; L_NTP is the next-token (meta-learning) loss over the windows. After
 the optimiser step the EMA teacher moves (φ ← τφ + (1-τ)θ) and the policy version rises by one.
+
+With learner.num_ranks > 1 every rank is one Learner in a torch.distributed group
+(training/learner_group.py starts them): policy and EMA sharded alike with FSDP2, each rank
+trains its share of the global batch, weighted so that the averaged gradient is the one-process
+gradient of the whole batch. The EMA is sharded like the policy: it only moves elementwise and
+is gathered when the engines need it, so it costs each rank 1/N of a model.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -20,7 +27,8 @@ import torch
 
 from models.hf import flops_per_token, is_ttt, next_token_loss
 from rollout.worker import Rollouts
-from training.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, save_model, set_rng_state
+from training import distributed
+from training.checkpoint import load_latest_checkpoint, rng_state, save_model, set_rng_state
 from training.data import split_window
 from training.evaluate import heldout_bpb
 from training.losses import rlp_policy_loss, thought_batch
@@ -29,16 +37,25 @@ from training.trainer import build_optimizer, warmup_cosine
 
 class Learner:
     def __init__(self, cfg, model_dir: str, run_dir: str, heldout_windows: torch.Tensor, token_bytes: torch.Tensor,
-                 think_open: int, pad_id: int, device: str = "cpu", task_eval=None,
-                 initial_counters: dict[str, float] | None = None):
+                 think_open: int, pad_id: int, device: str | None = "cpu", task_eval=None,
+                 initial_counters: dict[str, float] | None = None, group: dict | None = None):
         """initial_counters: tokens/data and flops/total spent before this run (its base model's
-        pretraining), so the curves of a run that pretrained its own base start where it ended."""
+        pretraining), so the curves of a run that pretrained its own base start where it ended.
+        device None: the one Ray assigned this actor. group: {rank, world, addr, port} of this
+        rank's process group (world > 1 shards the model)."""
         import models  # noqa: F401  (registers the Auto classes)
         from transformers import AutoModelForCausalLM
 
-        self.cfg, self.run_dir, self.device = cfg, Path(run_dir), torch.device(device)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = distributed.ray_device() if device is None else torch.device(device)
+        self.rank, self.world = (group["rank"], group["world"]) if group else (0, 1)
+        if self.world > 1:
+            distributed.init_group(self.rank, self.world, group["addr"], group["port"], self.device)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)  # φ ← θ at the first step
+        if self.world > 1:
+            distributed.shard(self.model, self.device, cfg.dtype)
+            distributed.shard(self.ema, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.heldout_windows = heldout_windows[: cfg.train.eval_windows]
         self.token_bytes, self.think_open, self.pad_id = token_bytes, think_open, pad_id
@@ -69,21 +86,31 @@ class Learner:
             # (no warmup), which is also what the rollout engines use, so π_old and π_θ agree.
             metrics["ttt/ilr"] = self.model.inner_lr
 
-        windows = windows.to(self.device)
-        loss = torch.zeros((), device=self.device)
+        # This rank's share of the global batch (all of it with one rank); each term is scaled by
+        # its share of the global count it averages over, so the ranks' mean gradient is exact.
+        local = windows.chunk(self.world)[self.rank].to(self.device)
+        loss, terms = torch.zeros((), device=self.device), {}
         if rlp.ttt_weight > 0:
-            ntp = next_token_loss(self.model, *split_window(windows, self.boundary_id))
+            inputs, targets = split_window(local, self.boundary_id)
+            per_row = getattr(self.model.config, "loss_average", "token") == "chunk"  # mean over sequences
+            ntp = next_token_loss(self.model, inputs, targets) * self.share(
+                len(targets) if per_row else (targets != -100).sum().item())
             loss = loss + rlp.ttt_weight * ntp
-            metrics["train/loss_ntp"] = ntp.item()
+            terms["train/loss_ntp"] = ntp.item()
         thought_seq_tokens = 0
-        if samples and rlp.rlp_weight > 0:
-            ids, mask, old, adv = (t.to(self.device) for t in thought_batch(samples, self.think_open, self.pad_id))
+        if len(samples) >= self.world and rlp.rlp_weight > 0:  # every rank needs a thought to stay in step
+            mine = distributed.split(samples, self.rank, self.world)
+            ids, mask, old, adv = (t.to(self.device) for t in thought_batch(mine, self.think_open, self.pad_id))
             policy_loss, stats = rlp_policy_loss(self.model(ids).logits, ids, mask, old, adv, rlp.temperature,
                                                  rlp.clip_low, rlp.clip_high, rlp.is_cap)
+            policy_loss = policy_loss * self.share(len(mine))
             loss = loss + rlp.rlp_weight * policy_loss
-            thought_seq_tokens = ids.numel()
-            metrics.update(stats)
-            metrics["train/loss_rlp"] = policy_loss.item()
+            thought_seq_tokens = distributed.all_sum(ids.numel(), self.device)
+            metrics.update(stats)  # rank 0's share
+            terms["train/loss_rlp"] = policy_loss.item()
+        terms = distributed.all_mean({**terms, "train/loss": loss.item()}, self.device)
+        loss_value = terms.pop("train/loss")
+        metrics.update(terms)
 
         data_tokens = windows[:, 1:].numel()
         self.counters["tokens/data"] += data_tokens
@@ -94,12 +121,14 @@ class Learner:
         rollout_tokens = sum(r.context_tokens + r.thought_tokens for r in rollouts)
         self.counters["flops/total"] += fpt * (data_tokens + thought_seq_tokens) + fpt / 3 * rollout_tokens
 
-        if not torch.isfinite(loss):
+        if not math.isfinite(loss_value):  # the mean over ranks: all skip together
             self.counters["train/skipped_steps"] += 1
             self.optimizer.zero_grad(set_to_none=True)
             return {**metrics, **self.counters, "train/loss": float("nan")}
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor across ranks
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.update_ema()
@@ -108,7 +137,7 @@ class Learner:
         rewards = [r for ro in fresh for r in ro.rewards]
         closed = sum(r.closed for r in fresh)
         metrics.update({
-            "train/loss": loss.item(), "train/grad_norm": grad_norm.item(),
+            "train/loss": loss_value, "train/grad_norm": grad_norm.item(),
             "rlp/reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
             "rlp/reward_pos_frac": sum(r > 0 for r in rewards) / len(rewards) if rewards else float("nan"),
             "rlp/adv_abs_mean": sum(abs(s.advantage) for s in samples) / len(samples) if samples else float("nan"),
@@ -120,6 +149,14 @@ class Learner:
         })
         return {**metrics, **self.counters}
 
+    def share(self, count: float) -> float:
+        """world · count / (the count over all ranks): a local mean times this, averaged over the
+        ranks, is the mean over the global batch."""
+        if self.world == 1:
+            return 1.0
+        total = distributed.all_sum(count, self.device)
+        return self.world * count / total if total else 0.0
+
     @torch.no_grad()
     def update_ema(self) -> None:
         tau = self.cfg.rlp.ema_decay
@@ -127,27 +164,67 @@ class Learner:
             phi.lerp_(theta.detach(), 1 - tau)
 
     def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
-        """CPU copies of the policy and EMA weights, and the version they are."""
+        """CPU copies of the policy and EMA weights, and the version they are (gathered from every
+        rank: whole on rank 0, empty on the others)."""
 
         def cpu(m):
+            if self.world > 1:
+                return distributed.full_state(m)
             return {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}
 
         return cpu(self.model), cpu(self.ema), self.version
 
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a free port, for a process group rank 0 hosts."""
+        return distributed.free_address()
+
+    def join_sync(self, addr: str, port: int, world: int, bucket_mb: float, timeout_s: float) -> None:
+        """Rank 0 opens the weight broadcast to the engines (sync.method=collective) as its member 0."""
+        if self.rank == 0:
+            from rollout.sync import WeightBroadcast
+
+            self.sync = WeightBroadcast(addr, port, 0, world, self.device, bucket_mb, timeout_s)
+
+    def broadcast_weights(self) -> int:
+        """Policy and EMA, gathered from every rank, broadcast by rank 0 to every engine; the version."""
+        policy, ema, version = self.weights()
+        if self.rank == 0:
+            self.sync.send([policy, ema], version)
+        return version
+
+    def plain_model(self):
+        """The policy as one unsharded CPU model on rank 0 (None on the others); every rank calls it."""
+        if self.world == 1:
+            return self.model
+        from transformers import AutoModelForCausalLM
+
+        state = distributed.full_state(self.model)
+        if self.rank:
+            return None
+        model = AutoModelForCausalLM.from_config(self.model.config)  # on the CPU: buffers made, not loaded
+        model.load_state_dict(state)
+        return model.eval()
+
     def evaluate(self) -> dict:
+        # Every rank runs the same held-out batches (the sharded forward is collective).
         metrics = heldout_bpb(self.model, self.heldout_windows, self.token_bytes, self.cfg.train.batch_size, self.device,
                               boundary_id=self.boundary_id)
-        if self.task_eval is not None:
-            metrics.update(self.task_eval(self.model))
+        if self.task_eval is not None:  # decoding reads W_0 outside forward: on a whole model, on rank 0
+            model = self.plain_model()
+            if model is not None:
+                metrics.update(self.task_eval(model.to(self.device)))
         return {**metrics, **self.counters}
 
     # ------------------------------------------------------------------------------- checkpoint
     def save(self, extra: dict | None = None) -> str:
         """`extra`: the driver's own state (loader, RNGs, the workers' generators), saved with ours."""
-        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "version": self.version, "counters": self.counters, "rng": rng_state(), "extra": extra or {}}
-        path = save_checkpoint(self.run_dir, self.version, state)
-        save_model(self.model, self.run_dir / "model")
+        # DCP: every rank writes its shards, and any number of ranks reads them; model/ is gathered on rank 0.
+        state = {"version": self.version, "counters": self.counters, "rng": rng_state(), "extra": extra or {}}
+        path = distributed.save_sharded_checkpoint(self.run_dir, self.version, state,
+                                                   distributed.sharded_state(self.model, self.ema, self.optimizer))
+        model = self.plain_model()
+        if model is not None:
+            save_model(model, self.run_dir / "model")
         return str(path)
 
     def resume(self) -> dict | None:
@@ -155,10 +232,15 @@ class Learner:
         found = load_latest_checkpoint(self.run_dir)
         if found is None:
             return None
-        state = found[1]
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        path, state = found
+        if state.get("sharded"):  # DCP: written by any number of ranks, read by this many
+            distributed.load_sharded_state(path / "dcp", self.model, self.ema, self.optimizer)
+        elif self.world > 1:
+            raise ValueError(f"checkpoint {path} is of the older single-file kind: resume it with learner.num_ranks=1")
+        else:  # the single-file checkpoints of earlier versions
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.version, self.counters = state["version"], state["counters"]
         set_rng_state(state["rng"])
         return {"version": self.version, **state["extra"]}

@@ -1,0 +1,83 @@
+"""Where an actor's weights live and how they travel from the learner to the engines.
+
+    sync.method=object_store   learner.weights() into Ray's object store once; every worker reads it
+    sync.method=collective     learner rank 0 broadcasts the weights in buckets of sync.bucket_mb over
+                               one process group of its own joining it with every engine (NCCL on
+                               GPU, gloo on CPU): no copy through the object store, one send per bucket
+
+The broadcast carries the policy and the EMA teacher, each as the state dict's tensors in order
+(the engines hold the same architecture, so the layout is known on both sides), after a header
+[version, elements] that every receiver checks.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def ray_device() -> torch.device:
+    """The device of the Ray actor this runs in: its first assigned GPU (Ray sets
+    CUDA_VISIBLE_DEVICES to the GPUs it assigned), else the CPU."""
+    import ray
+
+    return torch.device("cuda", 0) if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+
+
+def buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
+    """Indices of `tensors` grouped into runs of one dtype and at most bucket_bytes (or one tensor)."""
+    out, size = [], 0
+    for i, t in enumerate(tensors):
+        nbytes = t.numel() * t.element_size()
+        if out and out[-1] and tensors[out[-1][0]].dtype == t.dtype and size + nbytes <= bucket_bytes:
+            out[-1].append(i)
+            size += nbytes
+        else:
+            out.append([i])
+            size = nbytes
+    return out
+
+
+class WeightBroadcast:
+    """One process group of `world` members: rank 0 the sender (learner rank 0), the engines the
+    rest. A group of its own (a TCPStore at addr:port), apart from the learner ranks' group."""
+
+    def __init__(self, addr: str, port: int, rank: int, world: int, device: torch.device, bucket_mb: float,
+                 timeout_s: float = 1800):
+        self.rank, self.device, self.bucket_bytes = rank, device, int(bucket_mb * 2**20)
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout)
+        if device.type == "cuda":
+            self.group = dist.ProcessGroupNCCL(store, rank, world)
+        else:
+            self.group = dist.ProcessGroupGloo(store, rank, world, timeout)
+
+    def _broadcast(self, t: torch.Tensor) -> None:
+        self.group.broadcast(t, 0).wait()
+
+    def send(self, states: list[dict[str, torch.Tensor]], version: int) -> None:
+        tensors = [s[k].detach() for s in states for k in sorted(s)]
+        self._broadcast(torch.tensor([version, sum(t.numel() for t in tensors)], device=self.device))
+        for idx in buckets(tensors, self.bucket_bytes):
+            self._broadcast(torch.cat([tensors[i].reshape(-1) for i in idx]).to(self.device))
+
+    def receive(self, templates: list[dict[str, torch.Tensor]]) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """Fresh tensors shaped like `templates` (the receiver's own state dicts), and the version."""
+        header = torch.zeros(2, dtype=torch.long, device=self.device)
+        self._broadcast(header)
+        version, numel = header.tolist()
+        keys = [(j, k) for j, s in enumerate(templates) for k in sorted(s)]
+        tensors = [templates[j][k] for j, k in keys]
+        if numel != sum(t.numel() for t in tensors):
+            raise RuntimeError(f"weight broadcast of {numel} elements, but this engine's model has "
+                               f"{sum(t.numel() for t in tensors)}: the learner and the engines hold different models")
+        out: list[dict[str, torch.Tensor]] = [{} for _ in templates]
+        for idx in buckets(tensors, self.bucket_bytes):
+            flat = torch.empty(sum(tensors[i].numel() for i in idx), dtype=tensors[idx[0]].dtype, device=self.device)
+            self._broadcast(flat)
+            for i, piece in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+                j, k = keys[i]
+                out[j][k] = piece.view(tensors[i].shape)
+        return out, version

@@ -40,7 +40,7 @@ def main(args) -> None:
               "train.task_problems=0", "wandb.mode=disabled", "data.num_docs=2000"]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        run(out, "base_maker", [*common, "train.steps=1"], False)  # makes the base once
+        run(out, "base_maker", [*common, "train.steps=2", "optim.warmup_steps=1"], False)  # makes the base once
         base = [*common, f"base={out / 'base_maker' / 'base' / 'model'}", f"data.tokenizer={out / 'base_maker' / 'tokenizer'}"]
         seconds = {mode: run(out, mode, base, mode == "async") for mode in ("sync", "async")}
     print(f"RLP on CPU: {args.workers} rollout workers, {args.windows} windows per step, {args.steps} steps "

@@ -40,10 +40,6 @@ from training.run import parse_config_or_exit  # noqa: E402
 FROM_BASE = {"cpt": "base_ttt", "rlp": "base_ttt", "rlp_plain": "base_plain"}
 
 
-def pretrain_steps(cfg: CompareConfig, tokens: int) -> int:
-    return max(1, math.ceil(tokens / (cfg.batch_size * cfg.data.seq_len)))  # as the trainer counts
-
-
 def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tuple[object, list[str]]:
     """The pipeline that runs `method` (or makes a base) and its key=value overrides."""
     shared = {**{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
@@ -66,7 +62,7 @@ def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tu
             overrides.append("rlp.rlp_weight=0")
         return rlp_midtrain, overrides
     budget = cfg.budget_tokens - mid_tokens if method.startswith("base_") else cfg.budget_tokens
-    steps = pretrain_steps(cfg, budget)
+    steps = max(1, math.ceil(budget / (cfg.batch_size * cfg.data.seq_len)))  # as the trainer counts
     pretrain = [*common, f"train.data_tokens={budget}", f"train.batch_size={cfg.batch_size}",
                 f"train.eval_every={max(1, steps // cfg.eval_points)}", f"train.save_every={steps}",
                 "optim.warmup_steps=30", f"optim.lr={cfg.lr}"]

@@ -17,6 +17,7 @@ group cannot take a restarted process back: with it, a worker's death stops the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -98,10 +99,8 @@ class RolloutPool:
         self.weights = learner.weights.options(num_returns=3).remote()
         refs = [w.load_weights.remote(*self.weights) for w in self.workers]
         for ref in refs if wait else ():
-            try:
+            with contextlib.suppress(ray.exceptions.RayActorError):  # a dead worker is restored before its next shard
                 ray.get(ref)
-            except ray.exceptions.RayActorError:  # a dead worker is restored before its next shard
-                pass
 
     def _restore(self, worker):
         """A restarted worker gets the last weights sent (its constructor loaded the base's)."""

@@ -44,7 +44,6 @@ class Rollouts:
     positions: int = 0
     thought_tokens: int = 0
     context_tokens: int = 0  # tokens prefilled by the policy (FLOPs accounting)
-    thoughts: int = 0
     closed: int = 0  # thoughts the policy closed itself (the others had </think> forced at the limit)
     examples: list[dict] = field(default_factory=list)  # a few thoughts as text, for the report
     timings: dict[str, float] = field(default_factory=dict)
@@ -182,7 +181,6 @@ class RolloutWorker:
             if len(out.examples) < EXAMPLES_PER_ROLLOUT:
                 out.examples.append(self.example(context, nexts[i], group, rewards))
             out.positions += 1
-            out.thoughts += len(group.thoughts)
             out.closed += sum(not t for t in group.truncated)
             out.thought_tokens += sum(len(th) for th in group.thoughts)
             out.context_tokens += len(context)

@@ -6,7 +6,7 @@ CPU) and the backend (NCCL on CUDA, gloo on CPU) differ.
 
     check_resources(need, ray.cluster_resources(), nodes)   # fails at start, naming what is missing
     pg = place(bundles, "pack", timeout_s)                   # a placement group, ready or an error
-    device = ray_device()                                    # inside an actor
+    device = rollout.sync.ray_device()                       # inside an actor
     init_group(rank, world, addr, port, device); shard(model, device, dtype)
 """
 
@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from training.config import ConfigError
-from rollout.sync import ray_device  # noqa: F401  (an actor's device, for the learner ranks too)
 
 
 class ResourceError(ConfigError):

@@ -87,16 +87,20 @@ class TaskAccuracy:
         self.tokenizer, self.max_new_tokens, self.think_tokens = tokenizer, max_new_tokens, think_tokens
         self.rows = list(docs.select(range(min(problems, len(docs)))))
         self.think_open, self.think_close = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+        # Tokenized once: every evaluation reads the same problems.
+        self.heads = [self._enc(f"Question: {r['question']}\n") for r in self.rows]
+        self.lead = self._enc("Answer:")
+        self.answers = [self._answer_ids(r["answer"]) for r in self.rows]
 
     def _enc(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _answer_ids(self, lead: str, answer: str) -> tuple[list[int], list[int]]:
-        """The prompt piece `lead` ("Answer:") and the answer's tokens as they follow it in text."""
-        prompt, full = self._enc(lead), self._enc(f"{lead} {answer}")
-        if full[: len(prompt)] != prompt:  # the tokenizer merged across the boundary: no clean split
-            raise ValueError(f"cannot split {lead!r} from the answer {answer!r} in tokens")
-        return prompt, full[len(prompt):]
+    def _answer_ids(self, answer: str) -> list[int]:
+        """The answer's tokens as they follow "Answer:" in text."""
+        full = self._enc(f"Answer: {answer}")
+        if full[: len(self.lead)] != self.lead:  # the tokenizer merged across the boundary: no clean split
+            raise ValueError(f"cannot split 'Answer:' from the answer {answer!r} in tokens")
+        return full[len(self.lead):]
 
     def __call__(self, model) -> dict[str, float]:
         from rollout.torch_engine import TorchEngine
@@ -105,25 +109,22 @@ class TaskAccuracy:
         torch.set_num_threads(1)  # decoding is many tiny ops: more threads only add synchronisation
         model.eval()
         engine = TorchEngine(model, device=next(model.parameters()).device)
-        heads = [self._enc(f"Question: {r['question']}\n") for r in self.rows]
-        metrics = self._answer(engine, model, [h + self._answer_ids("Answer:", r["answer"])[0] for h, r in zip(heads, self.rows)],
-                               "Answer:", "")
+        metrics = self._answer(engine, model, [h + self.lead for h in self.heads], "")
         if self.think_tokens:
-            opened = [h + [self.think_open] for h in heads]
+            opened = [h + [self.think_open] for h in self.heads]
             thoughts = [g[0].ids for g in engine.generate(opened, 1, self.think_tokens, 0.0, stop=[self.think_close])]
             closed = [bool(t) and t[-1] == self.think_close for t in thoughts]
-            prompts = [o + (t if c else t + [self.think_close]) + self._answer_ids("Answer:", r["answer"])[0]
-                       for o, t, c, r in zip(opened, thoughts, closed, self.rows)]
-            metrics.update(self._answer(engine, model, prompts, "Answer:", "_think"))
+            prompts = [o + (t if c else t + [self.think_close]) + self.lead for o, t, c in zip(opened, thoughts, closed)]
+            metrics.update(self._answer(engine, model, prompts, "_think"))
             metrics["eval/think_closed_frac"] = sum(closed) / max(len(closed), 1)
         model.train(was_training)
         torch.set_num_threads(threads)
         return metrics
 
     @torch.no_grad()
-    def _answer(self, engine, model, prompts: list[list[int]], lead: str, suffix: str) -> dict:
+    def _answer(self, engine, model, prompts: list[list[int]], suffix: str) -> dict:
         """answer_nll and task_acc for prompts that end where the answer begins."""
-        answers = [self._answer_ids(lead, r["answer"])[1] for r in self.rows]
+        answers = self.answers
         nats, count = 0.0, 0
         for i in range(0, len(prompts), 32):  # teacher-forced, right-padded batches
             seqs = [p + a for p, a in zip(prompts[i : i + 32], answers[i : i + 32])]

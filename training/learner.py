@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from models.hf import flops_per_token, is_ttt, next_token_loss
+from rollout.sync import WeightBroadcast, ray_device
 from rollout.worker import Rollouts
 from training import distributed
 from training.checkpoint import load_latest_checkpoint, rng_state, save_model, set_rng_state
@@ -47,7 +48,7 @@ class Learner:
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = distributed.ray_device() if device is None else torch.device(device)
+        self.device = ray_device() if device is None else torch.device(device)
         self.rank, self.world = (group["rank"], group["world"]) if group else (0, 1)
         if self.world > 1:
             distributed.init_group(self.rank, self.world, group["addr"], group["port"], self.device)
@@ -142,7 +143,8 @@ class Learner:
             "rlp/reward_pos_frac": sum(r > 0 for r in rewards) / len(rewards) if rewards else float("nan"),
             "rlp/adv_abs_mean": sum(abs(s.advantage) for s in samples) / len(samples) if samples else float("nan"),
             "rlp/thought_len": sum(len(s.thought) for s in samples) / len(samples) if samples else float("nan"),
-            "rlp/closed_frac": closed / thoughts if (thoughts := sum(r.thoughts for r in fresh)) else float("nan"),
+            "rlp/closed_frac": closed / thoughts if (thoughts := sum(r.positions for r in fresh) * rlp.group_size)
+            else float("nan"),
             "rlp/samples": len(samples),
             "sync/version_lag": (sum(self.version - 1 - r.version for r in fresh) / len(fresh)) if fresh else float("nan"),
             "perf/learner_tokens_per_s": (data_tokens + thought_seq_tokens) / (time.perf_counter() - start),
@@ -181,8 +183,6 @@ class Learner:
     def join_sync(self, addr: str, port: int, world: int, bucket_mb: float, timeout_s: float) -> None:
         """Rank 0 opens the weight broadcast to the engines (sync.method=collective) as its member 0."""
         if self.rank == 0:
-            from rollout.sync import WeightBroadcast
-
             self.sync = WeightBroadcast(addr, port, 0, world, self.device, bucket_mb, timeout_s)
 
     def broadcast_weights(self) -> int:

@@ -73,13 +73,36 @@ def learner_args(cfg, tmp_path, run):
             torch.ones(V, dtype=torch.long), THINK, 0)
 
 
-def group(ray, cfg, tmp_path, run, ranks=2):
-    from training.distributed import place
-    from training.learner_group import learner_bundles, start_learners
+@pytest.fixture
+def learners(ray_cluster):
+    """Starts learner groups (and tracks other actors) for one test, and removes them all at its
+    end, passed or failed, so a failure leaves the module's cluster free for the next test."""
 
-    cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, num_ranks=ranks))
-    pg = place(learner_bundles(cfg), "pack", 60, "learner ranks")
-    return start_learners(cfg, pg, *learner_args(cfg, tmp_path, run))
+    class Learners:
+        def __init__(self):
+            self.groups, self.actors = [], []
+
+        def start(self, cfg, tmp_path, run, ranks=2):
+            from training.distributed import place
+            from training.learner_group import learner_bundles, start_learners
+
+            cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, num_ranks=ranks))
+            pg = place(learner_bundles(cfg), "pack", 60, "learner ranks")
+            self.groups.append(start_learners(cfg, pg, *learner_args(cfg, tmp_path, run)))
+            return self.groups[-1]
+
+        def stop(self, g):
+            for r in g.ranks:
+                ray_cluster.kill(r)
+            ray_cluster.util.remove_placement_group(g.placement)
+            self.groups.remove(g)
+
+    made = Learners()
+    yield made
+    for a in made.actors:
+        ray_cluster.kill(a)
+    for g in list(made.groups):
+        made.stop(g)
 
 
 def max_rel_err(a: dict, b: dict) -> float:
@@ -87,14 +110,8 @@ def max_rel_err(a: dict, b: dict) -> float:
     return max(((a[k].float() - b[k].float()).norm() / b[k].float().norm()).item() for k in a)
 
 
-def stop(ray, g):
-    for r in g.ranks:
-        ray.kill(r)
-    ray.util.remove_placement_group(g.placement)
-
-
 @pytest.mark.parametrize("mode", ["ttt_e2e", "full"])
-def test_two_ranks_step_as_one(ray_cluster, tmp_path, mode):
+def test_two_ranks_step_as_one(ray_cluster, learners, tmp_path, mode):
     """One step on a global batch (next-token and RLP terms) by 2 FSDP ranks equals one plain
     learner's step on the same batch: policy and EMA. (At lr 1e-2 Adam's first step, ±lr where a
     gradient is near 0, turns float-rounding differences in the reduced gradient into ~1.6e-5.)"""
@@ -104,13 +121,13 @@ def test_two_ranks_step_as_one(ray_cluster, tmp_path, mode):
     tiny_base(tmp_path / "base", mode)
     cfg = config([f"model.mode={mode}"])
     windows, samples = batch()
-    two = group(ray, cfg, tmp_path, "two")
+    two = learners.start(cfg, tmp_path, "two")
     ref = two.train_step.remote(rollouts(samples), windows)
     one = Learner(*learner_args(cfg, tmp_path, "one"))
     before = {k: v.clone() for k, v in one.model.state_dict().items()}
     m1 = one.train_step(rollouts(samples), windows)
-    m2 = ray.get(ref)
-    policy, ema, version = ray.get(two.weights.options(num_returns=3).remote())
+    m2 = two.get(ref)
+    policy, ema, version = two.get(two.weights.options(num_returns=3).remote())
     two.check()
     p1, e1, _ = one.weights()
     assert version == 1 and m2["rlp/samples"] == 5 and "train/loss_rlp" in m2
@@ -122,11 +139,11 @@ def test_two_ranks_step_as_one(ray_cluster, tmp_path, mode):
     assert m2["train/loss"] == pytest.approx(m1["train/loss"], rel=1e-5)
     assert m2["train/grad_norm"] == pytest.approx(m1["train/grad_norm"], rel=1e-4)
     assert m2["tokens/data"] == m1["tokens/data"]
-    stop(ray, two)
+    learners.stop(two)
 
 
 @pytest.mark.slow
-def test_checkpoint_of_two_ranks_resumes_on_one_and_two(ray_cluster, tmp_path):
+def test_checkpoint_of_two_ranks_resumes_on_one_and_two(ray_cluster, learners, tmp_path):
     """DCP checkpoints: 2 ranks write, 1 and 2 ranks resume and take the step the writer took next;
     then 1 rank writes and 2 resume."""
     ray = ray_cluster
@@ -138,23 +155,23 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_two(ray_cluster, tmp_path):
     tiny_base(tmp_path / "base", "ttt_e2e")
     cfg = config()
     (w1, s1), (w2, s2) = batch(1), batch(2)
-    two = group(ray, cfg, tmp_path, "run")
-    ray.get(two.train_step.remote(rollouts(s1), w1))
-    ray.get(two.save.remote({"loader": 7}))
+    two = learners.start(cfg, tmp_path, "run")
+    two.get(two.train_step.remote(rollouts(s1), w1))
+    two.get(two.save.remote({"loader": 7}))
     check_model_dir(tmp_path / "run" / "model")  # one save_pretrained dir, gathered
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").state_dict()
-    policy = ray.get(two.weights.options(num_returns=3).remote()[0])
+    policy = two.get(two.weights.options(num_returns=3).remote()[0])
     assert saved.keys() == policy.keys() and all(torch.equal(saved[k], policy[k]) for k in saved)
     assert (tmp_path / "run" / "checkpoints" / "step_00000001" / "dcp" / ".metadata").is_file()
-    ray.get(two.train_step.remote(rollouts(s2), w2))  # the run goes on: what both resumes must reproduce
-    expected = ray.get(two.weights.options(num_returns=3).remote()[0])
-    stop(ray, two)
+    two.get(two.train_step.remote(rollouts(s2), w2))  # the run goes on: what both resumes must reproduce
+    expected = two.get(two.weights.options(num_returns=3).remote()[0])
+    learners.stop(two)
 
-    again = group(ray, cfg, tmp_path, "run")
-    assert ray.get(again.resume.remote()) == {"version": 1, "loader": 7}
-    ray.get(again.train_step.remote(rollouts(s2), w2))
-    on_two = ray.get(again.weights.options(num_returns=3).remote()[0])
-    stop(ray, again)
+    again = learners.start(cfg, tmp_path, "run")
+    assert again.get(again.resume.remote()) == {"version": 1, "loader": 7}
+    again.get(again.train_step.remote(rollouts(s2), w2))
+    on_two = again.get(again.weights.options(num_returns=3).remote()[0])
+    learners.stop(again)
     one = Learner(*learner_args(cfg, tmp_path, "run"))
     assert one.resume() == {"version": 1, "loader": 7}
     one.train_step(rollouts(s2), w2)
@@ -164,15 +181,15 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_two(ray_cluster, tmp_path):
 
     one.save({"loader": 8})  # and back: one rank's checkpoint, resumed on two
     policy, ema, _ = one.weights()
-    two = group(ray, cfg, tmp_path, "run")
-    assert ray.get(two.resume.remote()) == {"version": 2, "loader": 8}
-    got = ray.get(two.weights.options(num_returns=3).remote()[:2])
+    two = learners.start(cfg, tmp_path, "run")
+    assert two.get(two.resume.remote()) == {"version": 2, "loader": 8}
+    got = two.get(two.weights.options(num_returns=3).remote()[:2])
     assert all(torch.equal(got[0][k], policy[k]) and torch.equal(got[1][k], ema[k]) for k in policy)
-    stop(ray, two)
+    learners.stop(two)
 
 
 @pytest.mark.parametrize("workers,ranks", [(1, 1), (2, 2)])
-def test_collective_sync_gives_every_engine_the_learners_weights(ray_cluster, tmp_path, workers, ranks):
+def test_collective_sync_gives_every_engine_the_learners_weights(ray_cluster, learners, tmp_path, workers, ranks):
     """Learner rank 0 broadcasts policy and EMA in many small buckets; every engine ends with
     exactly the learner's tensors and version."""
     ray = ray_cluster
@@ -184,16 +201,17 @@ def test_collective_sync_gives_every_engine_the_learners_weights(ray_cluster, tm
     tok.save_pretrained(tmp_path / "tok")
     tiny_base(tmp_path / "base", "ttt_e2e", vocab=len(tok))
     cfg = config()
-    learner = group(ray, cfg, tmp_path, "run", ranks=ranks)
+    learner = learners.start(cfg, tmp_path, "run", ranks=ranks)
     engines = [ray.remote(RolloutWorker).options(num_cpus=0.5).remote(
         str(tmp_path / "base"), str(tmp_path / "tok"), cfg.rlp, cfg.reward, i) for i in range(workers)]
+    learners.actors.extend(engines)
     pool = RolloutPool(engines, timeout_s=120)
     pool.start_collective(learner, bucket_mb=0.01)  # ~10 KB buckets: dozens of broadcasts
     windows, samples = batch()
     for step in range(2):
-        ray.get(learner.train_step.remote(rollouts(samples), windows))
+        learner.get(learner.train_step.remote(rollouts(samples), windows))
         pool.sync(learner)
-    policy, ema, version = ray.get(learner.weights.options(num_returns=3).remote())
+    policy, ema, version = learner.get(learner.weights.options(num_returns=3).remote())
     assert version == 2 and max_rel_err(policy, ema) > 1e-4  # two different models travelled
     for e in engines:
         assert ray.get(e.versions.remote()) == (2, 2)
@@ -201,9 +219,6 @@ def test_collective_sync_gives_every_engine_the_learners_weights(ray_cluster, tm
             assert mine.keys() == theirs.keys()
             for k in mine:
                 assert torch.equal(mine[k], theirs[k]), k
-    for e in engines:
-        ray.kill(e)
-    stop(ray, learner)
 
 
 @pytest.mark.slow
@@ -229,7 +244,7 @@ def test_pipeline_with_two_ranks_two_workers_and_collective_sync(tmp_path):
     assert not (tmp_path / "gpu" / "base").exists()  # failed before pretraining anything
 
 
-def test_bf16_mixed_precision_keeps_fp32_master_weights(ray_cluster, tmp_path):
+def test_bf16_mixed_precision_keeps_fp32_master_weights(ray_cluster, learners, tmp_path):
     """dtype=bfloat16 with 2 ranks: bf16 compute (the step differs from fp32's, a little), fp32
     master weights and reduction."""
     ray = ray_cluster
@@ -237,10 +252,10 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(ray_cluster, tmp_path):
 
     tiny_base(tmp_path / "base", "ttt_e2e")
     windows, samples = batch()
-    two = group(ray, config(["dtype=bfloat16"]), tmp_path, "bf16")
-    m2 = ray.get(two.train_step.remote(rollouts(samples), windows))
-    policy = ray.get(two.weights.options(num_returns=3).remote()[0])
-    stop(ray, two)
+    two = learners.start(config(["dtype=bfloat16"]), tmp_path, "bf16")
+    m2 = two.get(two.train_step.remote(rollouts(samples), windows))
+    policy = two.get(two.weights.options(num_returns=3).remote()[0])
+    learners.stop(two)
     one = Learner(*learner_args(config(), tmp_path, "fp32"))
     m1 = one.train_step(rollouts(samples), windows)
     err = max_rel_err(policy, one.weights()[0])

@@ -1,7 +1,7 @@
 """The learner's ranks seen from the driver as one actor.
 
     group = start_learners(cfg.learner, args, kwargs)      # placed, process group joined
-    ray.get(group.train_step.remote(rollouts, windows))    # runs on every rank; rank 0's result
+    group.get(group.train_step.remote(rollouts, windows))  # runs on every rank; rank 0's result
 
 Every call goes to every rank (their collectives must meet) with its arguments put into the
 object store once; the driver gets rank 0's ObjectRef, exactly as from one Learner actor, so the
@@ -47,11 +47,20 @@ class LearnerGroup:
             self.others.extend(ref if isinstance(ref, list) else [ref])
         return refs[0]
 
-    def check(self) -> None:
-        """Raise the first error of another rank's finished call."""
+    def check(self, timeout: float = 0) -> None:
+        """Raise the first error of another rank's call finished within `timeout` seconds."""
         if self.others:
-            done, self.others = ray.wait(self.others, num_returns=len(self.others), timeout=0)
+            done, self.others = ray.wait(self.others, num_returns=len(self.others), timeout=timeout)
             ray.get(done)
+
+    def get(self, ref):
+        """ray.get(ref) of rank 0's result. If it failed, another rank's error is raised first when
+        there is one: a rank that died leaves rank 0 with only a broken connection to report."""
+        try:
+            return ray.get(ref)
+        except Exception:
+            self.check(timeout=30)
+            raise
 
 
 def learner_bundles(cfg) -> list[dict]:

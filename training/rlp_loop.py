@@ -87,7 +87,7 @@ class RLPLoop:
 
     def run(self, logger: MetricsLogger, start: int, first_extra: dict) -> dict:
         t, learner, asynchronous = self.cfg.train, self.learner, self.cfg.rollout.asynchronous
-        first = ray.get(learner.evaluate.remote())
+        first = learner.get(learner.evaluate.remote())
         if start == 0:
             logger.log({**first, **first_extra}, step=0)
         tqdm.write(f"version {start}: held-out bpb {first['eval/bpb']:.4f}")
@@ -100,7 +100,7 @@ class RLPLoop:
             # Rewards are computed inside the workers; report their share of the rollout phase.
             timings["timing_s/reward"] = max((r.timings["timing_s/reward"] for r in rollouts), default=0.0)
             with timed(timings, "train"):
-                metrics = ray.get(learner.train_step.remote(rollouts, windows))
+                metrics = learner.get(learner.train_step.remote(rollouts, windows))
             with timed(timings, "sync"):
                 self.pool.sync(learner, wait=not asynchronous)
             metrics.update(self.pool.counters())
@@ -112,7 +112,7 @@ class RLPLoop:
                 closed.append(metrics["rlp/closed_frac"])
             if step % t.eval_every == 0 or step == t.steps:
                 with timed(timings, "eval"):
-                    last_eval = ray.get(learner.evaluate.remote())
+                    last_eval = learner.get(learner.evaluate.remote())
                 metrics.update(last_eval)
             frac = sum(r.dropped for r in rollouts) / max(1, sum(r.positions for r in rollouts) * self.cfg.rlp.group_size)
             metrics["rollouts/dropped_reward_frac"] = frac
@@ -123,7 +123,7 @@ class RLPLoop:
                     logger.log({**metrics, **timings}, step=step)
             if step % t.save_every == 0 or step == t.steps:  # after the step's record: both survive a kill
                 logger.sync()
-                ray.get(learner.save.remote(self.state_dict()))
+                learner.get(learner.save.remote(self.state_dict()))
         tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
         summary = {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
         if gains:

@@ -11,7 +11,6 @@ the whole budget. Prints held-out bits per byte (inner loop running) side by sid
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,8 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipelines.convert_hf as convert_hf  # noqa: E402
 import pipelines.ttt_pretrain as ttt_pretrain  # noqa: E402
-from models import PonderForCausalLM  # noqa: E402
-from models.convert import to_llama  # noqa: E402
 
 
 def main() -> None:
@@ -42,11 +39,7 @@ def main() -> None:
     plain = ttt_pretrain.main([*common, "run_name=plain", "model.mode=full", "model.post_norm=false", "model.qk_norm=false",
                                f"train.data_tokens={args.tokens - bridge_tokens}", f"optim.lr={args.lr}"])
     tokenizer = out / "plain" / "tokenizer"
-    llama_dir = out / "plain_llama"
-    to_llama(PonderForCausalLM.from_pretrained(out / "plain" / "model")).save_pretrained(llama_dir)
-    for f in tokenizer.iterdir():
-        shutil.copy2(f, llama_dir / f.name)
-    converted = convert_hf.main([f"source={llama_dir}", f"out={out / 'converted'}", *(f"model.{a.split('.', 1)[1]}" for a in ttt)])
+    converted = convert_hf.convert_plain_run(out / "plain", tokenizer, ttt)
     warm = ttt_pretrain.main([*common, "run_name=warm", f"base={converted}", f"train.data_tokens={bridge_tokens}",
                               f"optim.lr={args.bridge_lr}", f"optim.end_lr={args.bridge_lr / 10}", "optim.warmup_steps=3"])
     scratch = ttt_pretrain.main([*common, "run_name=scratch", "model.mode=ttt_e2e", *ttt, f"data.tokenizer={tokenizer}",

@@ -10,13 +10,16 @@ Methods, from scratch on the whole budget:
   ntp_plain  next-token pretraining of the plain transformer (full attention)
   ntp_ttt    next-token pretraining of TTT-E2E (meta-learning)
   tpt        TTT-E2E on thinking-augmented documents [d ; <think> t </think>] (thinking counted apart)
+  ttt_warm   warm start (methods.md §7): a plain Llama-shaped transformer (base_llama) pretrained on
+             (1 - warm_fraction) of the budget, converted to TTT-E2E, bridged on the rest; its curve
+             counts the plain pretraining's tokens
 RLP's comparison (methods.md §1): one base per backbone, made once per compare on (1 - rlp_fraction)
 of the budget with worked solutions as thoughts (data.augment=think, so it can think), then from
 that SAME base, on the same windows in the same order with the same optimiser and lr:
   cpt        continued pretraining: the next-token term alone
   rlp        the next-token term plus RLP (rlp.*, reward)
   rlp_plain  rlp on the plain transformer's base: what TTT-E2E adds to RLP
-Runs land in <out_dir>/<method>[_<tag>]/, bases in <out_dir>/base_ttt/ and <out_dir>/base_plain/, made
+Runs land in <out_dir>/<method>[_<tag>]/, bases in <out_dir>/base_{ttt,plain,llama}/, made
 once and reused by later compares into the same out_dir: an ablation is one more compare, e.g.
     python pipelines/compare.py methods=[rlp] tag=g8 rlp.group_size=8
 """
@@ -30,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pipelines.convert_hf as convert_hf  # noqa: E402
 import pipelines.rlp_midtrain as rlp_midtrain  # noqa: E402
 import pipelines.ttt_pretrain as ttt_pretrain  # noqa: E402
 from training.config import CONFIG_DIR, CompareConfig  # noqa: E402
@@ -37,7 +41,8 @@ from training.data import prepare_data  # noqa: E402
 from training.run import parse_config_or_exit  # noqa: E402
 
 
-FROM_BASE = {"cpt": "base_ttt", "rlp": "base_ttt", "rlp_plain": "base_plain"}
+FROM_BASE = {"cpt": "base_ttt", "rlp": "base_ttt", "rlp_plain": "base_plain", "ttt_warm": "base_llama"}
+PLAIN_LLAMA = ["model.mode=full", "model.post_norm=false", "model.qk_norm=false"]  # what convert_hf reads
 
 
 def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tuple[object, list[str]]:
@@ -50,6 +55,13 @@ def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tu
               f"train.task_problems={cfg.task_problems}", f"train.task_think_tokens={cfg.rlp.thought_max_tokens}",
               f"wandb.mode={cfg.wandb.mode}"]
     mid_tokens = int(cfg.budget_tokens * cfg.rlp_fraction)
+    bridge_tokens = int(cfg.budget_tokens * cfg.warm_fraction)
+    if method == "ttt_warm":
+        steps = max(1, math.ceil(bridge_tokens / (cfg.batch_size * cfg.data.seq_len)))
+        return ttt_pretrain, [*common, f"base={converted(cfg)}", f"train.data_tokens={bridge_tokens}",
+                              f"train.batch_size={cfg.batch_size}", f"train.eval_every={max(1, steps // cfg.eval_points)}",
+                              f"train.save_every={steps}", f"optim.lr={cfg.warm_lr}", f"optim.end_lr={cfg.warm_lr / 10}",
+                              "optim.warmup_steps=3"]
     if method in FROM_BASE:
         steps = max(1, mid_tokens // (cfg.windows_per_step * cfg.data.seq_len))
         overrides = [*common, f"base={Path(cfg.out_dir).resolve() / FROM_BASE[method] / 'model'}",
@@ -61,14 +73,30 @@ def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tu
         if method == "cpt":
             overrides.append("rlp.rlp_weight=0")
         return rlp_midtrain, overrides
-    budget = cfg.budget_tokens - mid_tokens if method.startswith("base_") else cfg.budget_tokens
+    budget = {"base_llama": cfg.budget_tokens - bridge_tokens, "base_ttt": cfg.budget_tokens - mid_tokens,
+              "base_plain": cfg.budget_tokens - mid_tokens}.get(method, cfg.budget_tokens)
     steps = max(1, math.ceil(budget / (cfg.batch_size * cfg.data.seq_len)))  # as the trainer counts
     pretrain = [*common, f"train.data_tokens={budget}", f"train.batch_size={cfg.batch_size}",
                 f"train.eval_every={max(1, steps // cfg.eval_points)}", f"train.save_every={steps}",
                 "optim.warmup_steps=30", f"optim.lr={cfg.lr}"]
+    if method == "base_llama":
+        return ttt_pretrain, [*pretrain, *PLAIN_LLAMA, "data.augment=none"]
     mode = "full" if method in ("ntp_plain", "base_plain") else "ttt_e2e"
     augment = {"tpt": "tpt", "base_ttt": "think", "base_plain": "think"}.get(method, "none")
     return ttt_pretrain, [*pretrain, f"model.mode={mode}", f"data.augment={augment}"]
+
+
+def converted(cfg: CompareConfig) -> Path:
+    return Path(cfg.out_dir).resolve() / "base_llama" / "converted"
+
+
+def convert_base_llama(cfg: CompareConfig) -> None:
+    """base_llama as TTT-E2E with the compare's window, chunk and suffix (ntp_ttt's shape)."""
+    m = cfg.model
+    out = Path(cfg.out_dir).resolve()
+    convert_hf.convert_plain_run(out / "base_llama", out / "tokenizer",
+                                 [f"model.{k}={getattr(m, k)}" for k in ("suffix_len", "sliding_window", "mini_batch_size")
+                                  if getattr(m, k) is not None])
 
 
 def _value(v) -> str:
@@ -77,7 +105,7 @@ def _value(v) -> str:
 
 def run_order(methods: list[str]) -> list[str]:
     """The bases the chosen methods start from, first, then the methods."""
-    bases = [b for b in ("base_ttt", "base_plain") if any(FROM_BASE.get(m) == b for m in methods)]
+    bases = [b for b in ("base_ttt", "base_plain", "base_llama") if any(FROM_BASE.get(m) == b for m in methods)]
     return bases + list(methods)
 
 
@@ -92,10 +120,12 @@ def main(argv: list[str]) -> dict[str, dict]:
     for i, method in enumerate(order, 1):
         if method.startswith("base_") and (out / method / "model" / "config.json").is_file():
             print(f"\n=== [{i}/{len(order)}] {method}: made by an earlier compare in {out / method}, reused")
-            continue
-        pipeline, overrides = method_overrides(cfg, method, (out / "tokenizer").resolve())
-        print(f"\n=== [{i}/{len(order)}] {method}: {pipeline.__name__.split('.')[-1]} {' '.join(overrides)}")
-        summaries[method] = pipeline.main(overrides)
+        else:
+            pipeline, overrides = method_overrides(cfg, method, (out / "tokenizer").resolve())
+            print(f"\n=== [{i}/{len(order)}] {method}: {pipeline.__name__.split('.')[-1]} {' '.join(overrides)}")
+            summaries[method] = pipeline.main(overrides)
+        if method == "base_llama" and not (converted(cfg) / "config.json").is_file():
+            convert_base_llama(cfg)
     print(f"\nruns in {out}/<method>/; the dashboard: python pipelines/report.py {out}")
     for method, s in summaries.items():
         think = (f"  task acc after a thought {s['eval/task_acc_think']:.3f}  answer NLL after a thought "

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a Ray working_dir
 
-from models.convert import convert_hf  # noqa: E402
+from models import PonderForCausalLM  # noqa: E402
+from models.convert import convert_hf, to_llama  # noqa: E402
 from training.checkpoint import save_model  # noqa: E402
 from training.config import CONFIG_DIR, ConfigError, ConvertConfig  # noqa: E402
 from training.run import config_errors_exit, parse_config_or_exit  # noqa: E402
@@ -44,6 +45,17 @@ def main(argv: list[str]) -> Path:
     if not copied:
         print(f"note: {source} holds no tokenizer files; give data.tokenizer=<its tokenizer> when training")
     return out
+
+
+def convert_plain_run(run_dir: Path, tokenizer_dir: Path, model_overrides: list[str]) -> Path:
+    """A plain Ponder pretraining run (model.mode=full, pre-norm only) exported as a
+    LlamaForCausalLM with its tokenizer (<run>/llama) and converted (<run>/converted): the first half
+    of a warm start on the embedded corpus. model_overrides: `model.suffix_len=...` and the like."""
+    llama = run_dir / "llama"
+    save_model(to_llama(PonderForCausalLM.from_pretrained(run_dir / "model")), llama)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, llama / f.name)
+    return main([f"source={llama}", f"out={run_dir / 'converted'}", *model_overrides])
 
 
 if __name__ == "__main__":

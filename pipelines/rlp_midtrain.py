@@ -34,7 +34,7 @@ from training.data import WindowLoader, prepare_data  # noqa: E402
 from training.distributed import ResourceError, bundle, check_resources, cluster_nodes, in_bundle, place  # noqa: E402
 from training.learner_group import learner_bundles, start_learners  # noqa: E402
 from training.evaluate import TaskAccuracy  # noqa: E402
-from training.metrics import MetricsLogger, read_metrics  # noqa: E402
+from training.metrics import MetricsLogger, base_counters, read_metrics  # noqa: E402
 from training.rlp_loop import DroppedRewardsError, RLPLoop  # noqa: E402
 from training.preflight import check_base, check_data_files, check_tokenizer_fits, tokenizer_beside  # noqa: E402
 from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
@@ -168,15 +168,6 @@ def placement(cfg: RLPMidtrainConfig):
     except ResourceError:
         ray.util.remove_placement_group(learner)
         raise
-
-
-def base_counters(base: Path) -> dict[str, float]:
-    """Data tokens and FLOPs the base model cost, when it was pretrained by a run we can read."""
-    metrics = base.parent / "metrics.jsonl"
-    if not metrics.is_file():
-        return {}
-    last = read_metrics(metrics)[-1]
-    return {k: last[k] for k in ("tokens/data", "flops/total") if k in last}
 
 
 if __name__ == "__main__":

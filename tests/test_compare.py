@@ -102,3 +102,21 @@ def test_tpt_augment_writes_thinking_with_a_model(tmp_path):
     docs = load_documents(str(out))
     assert len(docs) == 10 and all(isinstance(t, str) for t in docs["thinking"])
     assert sum(len(t) > 0 for t in docs["thinking"]) >= 5
+
+
+def test_ttt_warm_converts_its_plain_base_and_counts_its_tokens(tmp_path):
+    """ttt_warm: base_llama pretrained, converted (computing the same function within the window,
+    so the bridge starts at the base's final bpb), bridged on the rest of the budget; its curve
+    starts at the base's data tokens."""
+    out = tmp_path / "cmp"
+    budget = 8 * 64 * 8
+    small = [a for a in SMALL if not a.startswith("model.sliding_window")] + ["model.sliding_window=64"]
+    summaries = compare.main([f"out_dir={out}", "methods=[ttt_warm]", f"budget_tokens={budget}", "eval_points=2",
+                              "task_problems=0", "warm_fraction=0.5", f"data.cache_dir={tmp_path / 'cache'}", *small])
+    base = read_metrics(out / "base_llama" / "metrics.jsonl")
+    warm = read_metrics(out / "ttt_warm" / "metrics.jsonl")
+    assert (out / "base_llama" / "converted" / "config.json").is_file()
+    assert warm[0]["tokens/data"] == base[-1]["tokens/data"] and warm[0]["flops/total"] == base[-1]["flops/total"]
+    assert budget * 0.9 <= warm[-1]["tokens/data"] <= budget * 1.2
+    assert warm[0]["eval/bpb"] == pytest.approx(base[-1]["eval/bpb"], rel=1e-4)  # the conversion kept the function
+    assert summaries["ttt_warm"]["eval/bpb"] < warm[0]["eval/bpb"]  # and the bridge trained it

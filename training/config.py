@@ -344,7 +344,7 @@ class RLPMidtrainConfig(PretrainConfig):
             raise ConfigError(f"reward={self.reward}: {e}") from None
 
 
-METHODS = ("ntp_plain", "ntp_ttt", "tpt", "cpt", "rlp", "rlp_plain")
+METHODS = ("ntp_plain", "ntp_ttt", "tpt", "ttt_warm", "cpt", "rlp", "rlp_plain")
 
 
 @dataclass
@@ -363,6 +363,9 @@ class CompareConfig:
     batch_size: int = positive(16)  # windows per step of pretraining
     lr: float = positive(3e-3)  # pretraining (from scratch and the bases)
     mid_lr: float = positive(3e-4)  # cpt and rlp alike, after the base
+    # ttt_warm: the share of its budget spent bridging the converted plain model (the rest pretrains it)
+    warm_fraction: float = _field(0.25, "must be in (0, 1)", lambda v: 0 < v < 1)
+    warm_lr: float = positive(1e-3)  # ttt_warm's bridge
     windows_per_step: int = positive(16)  # cpt and rlp alike
     reward: str = "rlp_info_gain"
     rlp: RLPConfig = field(default_factory=RLPConfig)

@@ -67,3 +67,15 @@ class MetricsLogger:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def base_counters(base: str | Path) -> dict[str, float]:
+    """Data tokens and FLOPs a base model cost, when the run that made it is readable: a model
+    saved inside a run directory (<run>/model, or a conversion of it, <run>/converted) beside the
+    run's metrics.jsonl. A run from that base counts on from there, so its curves start where the
+    base's ended."""
+    metrics = Path(base).parent / "metrics.jsonl"
+    if not metrics.is_file():
+        return {}
+    last = read_metrics(metrics)[-1]
+    return {k: last[k] for k in ("tokens/data", "flops/total") if k in last}

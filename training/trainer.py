@@ -21,7 +21,7 @@ from training.checkpoint import load_latest_checkpoint, rng_state, save_checkpoi
 from training.config import OptimConfig, PretrainConfig
 from training.data import PreparedData, WindowLoader, split_window
 from training.evaluate import TaskAccuracy, heldout_bpb
-from training.metrics import MetricsLogger
+from training.metrics import MetricsLogger, base_counters
 from training.run import build_model, load_base
 
 
@@ -67,7 +67,9 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, model: torch.nn.Module, loader: WindowLoader,
                  heldout_windows: torch.Tensor, token_bytes: torch.Tensor, run_dir: str | Path,
                  device: torch.device, extra_metrics: dict[str, float] | None = None,
-                 task_eval: TaskAccuracy | None = None):
+                 task_eval: TaskAccuracy | None = None, prior_counters: dict[str, float] | None = None):
+        """prior_counters: tokens/data and flops/total its base model cost (training.metrics.base_counters),
+        added to this run's own in every record."""
         self.cfg, self.model, self.loader = cfg, model.to(device), loader
         self.heldout_windows = heldout_windows[: cfg.train.eval_windows]
         self.token_bytes, self.run_dir, self.device = token_bytes, Path(run_dir), device
@@ -79,6 +81,7 @@ class Trainer:
         self.tokens_thought = 0  # thinking tokens it trained on (TPT)
         self.skipped_steps = 0  # non-finite losses
         self.consecutive_skips = 0
+        self.prior = prior_counters or {}
         self.flops_per_token = model.flops_per_token(loader.seq_len)
         self.is_ttt = model.config.is_ttt
         self.slow_params = [p for name, p in model.named_parameters() if ".fast_mlp." not in name]
@@ -177,8 +180,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------- loop
     def counters(self) -> dict[str, float]:
         trained = self.tokens_data + self.tokens_thought
-        return {"tokens/data": self.tokens_data, "tokens/thought": self.tokens_thought,
-                "flops/total": self.flops_per_token * trained}
+        return {"tokens/data": self.prior.get("tokens/data", 0) + self.tokens_data, "tokens/thought": self.tokens_thought,
+                "flops/total": self.prior.get("flops/total", 0.0) + self.flops_per_token * trained}
 
     def fit(self, logger: MetricsLogger) -> dict[str, float]:
         t = self.cfg.train
@@ -229,7 +232,8 @@ def run_pretraining(cfg: PretrainConfig, data: PreparedData, run_dir: Path, devi
         task_eval = TaskAccuracy(data.tokenizer, data.heldout_docs, cfg.train.task_problems, cfg.train.task_max_new_tokens,
                                  think_tokens=cfg.train.task_think_tokens)
     trainer = Trainer(cfg, model, loader, data.heldout_windows, data.token_bytes, run_dir, device,
-                      extra_metrics={"data/docs_skipped": data.docs_skipped}, task_eval=task_eval)
+                      extra_metrics={"data/docs_skipped": data.docs_skipped}, task_eval=task_eval,
+                      prior_counters=base_counters(cfg.base) if cfg.base else None)
     resumed_at = trainer.maybe_resume() if cfg.resume else None
     if resumed_at is not None:
         print(f"resumed {run_dir} at step {resumed_at}")

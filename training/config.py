@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from models.config import check_levels
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -82,6 +84,14 @@ class ModelConfig:
     # tokens per inner-loop chunk.
     suffix_len: int | None = None
     mini_batch_size: int = positive(32)
+    # Continuum memory (models/memory.py, methods.md §5): one fast MLP per level in every suffix
+    # block, level l updated every cms_chunk_sizes[l] tokens (strictly increasing multiples of
+    # mini_batch_size, e.g. [32, 128, 512]); [] is TTT-E2E's single fast MLP. Per level, the inner lr
+    # at the end of the warmup ([]: ttt.inner_lr for all) and the width ([]: the MLP width, shrunk
+    # so the parameter count matches the plain model).
+    cms_chunk_sizes: list = _field([])
+    cms_inner_lrs: list = _field([])
+    cms_widths: list = _field([])
 
     def validate(self) -> None:
         if self.suffix_len is not None and not 1 <= self.suffix_len <= self.num_hidden_layers:
@@ -101,6 +111,12 @@ class ModelConfig:
             raise ConfigError("model.hidden_size / model.num_attention_heads (the head dim) must be even for RoPE")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ConfigError(f"model.vocab_size={self.vocab_size} must be > 0 (or null: the tokenizer's size)")
+        if self.cms_chunk_sizes and self.mode != "ttt_e2e":
+            raise ConfigError(f"model.cms_chunk_sizes={self.cms_chunk_sizes} needs model.mode=ttt_e2e (got {self.mode})")
+        try:
+            check_levels(self.cms_chunk_sizes, self.cms_inner_lrs, self.cms_widths, self.mini_batch_size, prefix="model.")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass

@@ -81,7 +81,8 @@ class Trainer:
         self.consecutive_skips = 0
         self.flops_per_token = model.flops_per_token(loader.seq_len)
         self.is_ttt = model.config.is_ttt
-        self.slow_params = [p for name, p in model.named_parameters() if ".fast_mlp." not in name]
+        self.slow_params = [p for name, p in model.named_parameters()
+                            if ".fast_mlp." not in name and ".memory_mlps." not in name]
         self.boundary_id = model.config.eos_token_id if cfg.data.mask_boundary_targets else None
         if self.is_ttt:
             self.model.inner_lr = self.inner_lr_at(0)

@@ -139,6 +139,10 @@ class TTTConfig:
     # over chunks of each chunk's masked mean) or token (over all unmasked targets).
     # null: chunk with model.mode=ttt_e2e, token for full and swa.
     loss_average: str | None = one_of(None, "chunk", "token")
+    # Evaluation reads the held-out windows as streams of consecutive windows, carrying the
+    # attention cache and every level's fast weights from one window to the next (full, swa and
+    # ttt_e2e alike; training/long_context.py).
+    carry_state: bool = False
 
 
 # Short documents whose answer is hard to predict without working it out. gsm_symbolic (GSM8K

@@ -140,7 +140,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         with self.autocast:
             metrics = heldout_bpb(self.model, self.heldout_windows, self.token_bytes, self.cfg.train.batch_size, self.device,
-                                  boundary_id=self.boundary_id)
+                                  boundary_id=self.boundary_id, carry_state=self.cfg.ttt.carry_state)
             if self.task_eval is not None:
                 metrics.update(self.task_eval(self.model))
         return metrics

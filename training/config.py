@@ -392,6 +392,32 @@ class CompareConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+LONG_CONTEXT_ARMS = ("full", "swa", "ttt_e2e", "cms")
+
+
+@dataclass
+class LongContextConfig:
+    """Loss by position beyond the window (pipelines/long_context.py): full attention, SWA, TTT-E2E
+    and continuum memory trained on the same long documents, tokens and (near) parameter count,
+    each evaluated with and without state carried across windows."""
+
+    out_dir: str = "runs/long_context"
+    seed: int = 0
+    arms: list = _field(list(LONG_CONTEXT_ARMS), f"must be a non-empty list drawn from {list(LONG_CONTEXT_ARMS)}",
+                        lambda v: len(v) > 0 and all(a in LONG_CONTEXT_ARMS for a in v))
+    cms_chunk_sizes: list = _field([16, 64])  # the cms arm's levels (model.cms_chunk_sizes)
+    data_tokens: int = positive(400_000)  # every arm trains on this many corpus tokens
+    batch_size: int = positive(8)
+    lr: float = positive(3e-3)
+    eval_windows_of_context: int = positive(8)  # positions evaluated: this many sliding windows
+    eval_segments: int = positive(64)  # held-out segments of that length (cut from the held-out documents)
+    reuse: bool = False  # true: an arm already trained in out_dir is evaluated again, not retrained
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # data.source: long text files, one document per file (a folder, a file or a glob)
+    data: DataConfig = field(default_factory=DataConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+
+
 @dataclass
 class ConvertModelConfig:
     """What the conversion chooses; every other shape comes from the source."""
@@ -502,6 +528,11 @@ def _check_keys(layer: dict, schema: type, prefix: str, origin: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix + key} is a section ({sorted(f.name for f in dataclasses.fields(sub))}), not a value")
             _check_keys(value, sub, f"{prefix}{key}.", origin)
+
+
+def check_config(cfg: Any) -> None:
+    """Every value of a config built in code checked as load_config checks a loaded one."""
+    _check_values(cfg, "")
 
 
 def _check_values(obj: Any, prefix: str) -> None:

@@ -93,3 +93,95 @@ def measure(model, documents: list[list[int]], length: int, window: int, name: s
         out[f"{name}{' +carry' if carry else ''}"] = {"carry": carry, "window": model.config.sliding_window,
                                                       "positions": spans, "loss": bucketed(losses, spans)}
     return out
+
+
+# ------------------------------------------------------------------------------------ the runs
+
+
+def long_documents_jsonl(source: str, out: Path) -> Path:
+    """One JSON line {"text": ...} per text file at `source` (a folder, a file or a glob)."""
+    from training.data import _data_files
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for path in _data_files(source):
+            f.write(json.dumps({"text": Path(path).read_text(errors="replace")}) + "\n")
+    return out
+
+
+def arm_config(cfg, arm: str, corpus: Path, tokenizer_dir: Path):
+    """The pretraining config of one arm: the shared model shape, data and budget, its own mode."""
+    import dataclasses
+
+    from training.config import LoopConfig, OptimConfig, PretrainConfig, WandbConfig, check_config
+
+    mode = {"cms": "ttt_e2e"}.get(arm, arm)
+    model = dataclasses.replace(cfg.model, mode=mode, cms_chunk_sizes=list(cfg.cms_chunk_sizes) if arm == "cms" else [])
+    data = dataclasses.replace(cfg.data, source=str(corpus), format="jsonl", text_field="text", tokenizer=str(tokenizer_dir))
+    steps = max(1, math.ceil(cfg.data_tokens / (cfg.batch_size * cfg.data.seq_len)))
+    pretrain = PretrainConfig(
+        run_name=arm, out_dir=cfg.out_dir, seed=cfg.seed, model=model, data=data, ttt=cfg.ttt,
+        optim=OptimConfig(lr=cfg.lr, end_lr=cfg.lr / 100, warmup_steps=min(30, steps)),
+        train=LoopConfig(steps=steps, data_tokens=cfg.data_tokens, batch_size=cfg.batch_size, eval_every=max(1, steps // 4),
+                         eval_windows=32, save_every=steps, log_every=10),
+        wandb=WandbConfig(mode="disabled"))
+    check_config(pretrain)
+    return pretrain
+
+
+def heldout_segments(data, length: int, count: int) -> list[list[int]]:
+    """Up to `count` segments of length+1 tokens cut from the held-out documents, taken in turn
+    from each document so that every document contributes."""
+    docs = [data.tokenizer(t, add_special_tokens=False)["input_ids"] for t in data.heldout_docs["text"]]
+    cuts = [[d[i : i + length + 1] for i in range(0, len(d) - length, length + 1)] for d in docs]
+    segments = []
+    for k in range(max(map(len, cuts), default=0)):
+        segments += [c[k] for c in cuts if k < len(c)]
+    return segments[:count]
+
+
+def run_long_context(cfg) -> dict[str, dict]:
+    """Train every arm on the same corpus and budget, then measure loss by position out to
+    eval_windows_of_context sliding windows, with and without carried state. Writes
+    <out_dir>/long_context.json (the dashboard's long-context panel)."""
+    from models import PonderForCausalLM
+    from training.data import prepare_data
+    from training.run import prepare_run_dir, resolve_device
+    from training.trainer import run_pretraining
+
+    out = Path(cfg.out_dir)
+    corpus = long_documents_jsonl(cfg.data.source, out / "corpus" / "documents.jsonl")
+    print(f"corpus: {corpus} (one document per file of {cfg.data.source})")
+    shared = arm_config(cfg, cfg.arms[0], corpus, out / "tokenizer")
+    data = prepare_data(shared.data, out, cfg.seed)  # trains the shared tokenizer once
+    device = resolve_device("auto")
+    length = cfg.eval_windows_of_context * cfg.model.sliding_window
+    segments = heldout_segments(data, length, cfg.eval_segments)
+    print(f"evaluating {len(segments)} held-out segments of {length} tokens in windows of {cfg.data.seq_len}")
+    curves, params = {}, {}
+    for arm in cfg.arms:
+        pretrain = arm_config(cfg, arm, corpus, out / "tokenizer")
+        model_dir = out / arm / "model"
+        if not (cfg.reuse and (model_dir / "config.json").is_file()):
+            run_dir = prepare_run_dir(pretrain)
+            run_pretraining(pretrain, prepare_data(pretrain.data, run_dir, cfg.seed), run_dir, device)
+        model = PonderForCausalLM.from_pretrained(model_dir).to(device)
+        params[arm] = model.num_params()
+        curves.update(measure(model, segments, length, cfg.data.seq_len, arm, device))
+    for curve in curves.values():
+        curve.update(train_window=cfg.data.seq_len, data_tokens=cfg.data_tokens)
+    path = write_curves(out / "long_context.json", curves)
+    W = cfg.model.sliding_window
+    for name, c in curves.items():
+        arm = name.split(" ")[0]
+        print(f"{name:>16}: {params[arm] / 1e6:.3f}M params; mean loss within the window {mean_within(c, W):.4f}, "
+              f"beyond it {mean_beyond(c, W):.4f}, beyond the training window {mean_beyond(c, cfg.data.seq_len):.4f}")
+    print(f"curves in {path}; the dashboard: python pipelines/report.py {out}")
+    return curves
+
+
+def mean_within(curve: dict, end: int) -> float:
+    """Mean loss over the positions < end."""
+    pairs = [(b - a, y) for (a, b), y in zip(curve["positions"], curve["loss"]) if b <= end]
+    weight = sum(w for w, _ in pairs)
+    return sum(w * y for w, y in pairs) / weight if weight else math.nan

@@ -7,21 +7,12 @@ import torch
 
 from models import PonderConfig, PonderForCausalLM
 from models.ttt import clip_by_global_norm, per_sequence_loss
-
-V = 61
-
+from tests.finite_differences import assert_meta_gradient_matches_finite_differences
+from tests.test_ttt import V, decode_in_pieces, next_tokens, ttt_model
 
 def cms_model(dtype=torch.float32, seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-               mode="ttt_e2e", sliding_window=8, mini_batch_size=4, suffix_len=2, cms_chunk_sizes=[4, 8],
-               cms_inner_lrs=[0.5, 0.8])
-    cfg.update(kw)
-    return PonderForCausalLM(PonderConfig(**cfg)).to(dtype)
-
-
-def next_tokens(x):
-    return torch.cat([x[:, 1:], torch.randint(0, V, (x.shape[0], 1))], 1)
+    """TTT-E2E's test model with two levels: chunks of 4 and spans of 8."""
+    return ttt_model(dtype, seed, **{"cms_chunk_sizes": [4, 8], "cms_inner_lrs": [0.5, 0.8], **kw})
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -33,12 +24,6 @@ def test_two_level_meta_gradient_matches_finite_differences_float64(masked):
     y = next_tokens(x)
     if masked:
         y[0, 1], y[1, 4:8], y[1, 13] = -100, -100, -100
-
-    def loss():
-        return model(x, targets=y).loss
-
-    model.zero_grad()
-    loss().backward()
     params = {
         "W_0 level 2 (w1, last block)": model.blocks[3].memory_mlps[0].f.w1.weight,
         "W_0 level 2 (w2, first suffix block)": model.blocks[2].memory_mlps[0].f.w2.weight,
@@ -47,20 +32,7 @@ def test_two_level_meta_gradient_matches_finite_differences_float64(masked):
         "slow: prefix attention wq": model.blocks[0].attn.f.wq.weight,
         "slow: embedding": model.embed.weight,
     }
-    gen = torch.Generator().manual_seed(2)
-    for name, p in params.items():
-        for _ in range(3):
-            idx = tuple(torch.randint(0, n, (1,), generator=gen).item() for n in p.shape)
-            eps = 1e-6
-            with torch.no_grad():
-                orig = p[idx].item()
-                p[idx] = orig + eps
-                plus = loss().item()
-                p[idx] = orig - eps
-                minus = loss().item()
-                p[idx] = orig
-            fd = (plus - minus) / (2 * eps)
-            assert p.grad[idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-8), (name, idx)
+    assert_meta_gradient_matches_finite_differences(model, x, y, params)
 
 
 def test_level_updates_match_a_hand_written_reference():
@@ -146,27 +118,10 @@ def test_decoding_matches_the_training_forward(pieces):
     x = torch.randint(0, V, (2, 27))
     with torch.no_grad():
         full = model(x).logits
-        state = model.new_state(2)
-        parts, i = [], 0
-        for n in pieces:
-            parts.append(model(x[:, i : i + n], state=state).logits)
-            if i < 10 <= i + n:  # a copied state continues like the original
-                state = state.expand(1)
-            i += n
+        parts, state = decode_in_pieces(model, x, pieces, copy_at=10)  # a copied state reads on like the original
     stepped = torch.cat(parts, 1)
     assert ((stepped - full).norm() / full.norm()) < 1e-5
     assert all(k.shape[2] <= 8 + 4 for k, _ in state.kv)  # the cache stays O(window)
-
-
-def test_recompute_per_chunk_gives_the_same_gradients():
-    x = torch.randint(0, V, (2, 18))
-    y = next_tokens(x)
-    grads = {}
-    for recompute in (False, True):
-        model = cms_model(torch.float64, ttt_recompute=recompute)
-        model(x, targets=y).loss.backward()
-        grads[recompute] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    torch.testing.assert_close(grads[True], grads[False], rtol=1e-10, atol=1e-12)
 
 
 def test_levels_keep_the_parameter_count():

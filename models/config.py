@@ -11,6 +11,23 @@ MODES = ("full", "swa", "ttt_e2e")
 ROPE_TYPES = ("default", "linear", "llama3")  # RoPE frequency schemes models/model.py implements
 
 
+def check_levels(chunk_sizes: list, inner_lrs: list, widths: list, mini_batch_size: int, prefix: str) -> None:
+    """Continuum-memory levels: chunk sizes strictly increasing multiples of the base chunk, one
+    inner lr and one width per level (or none). Raises ValueError naming the key (`prefix` + name)."""
+    for c in chunk_sizes:
+        if not isinstance(c, int) or c <= 0 or c % mini_batch_size:
+            raise ValueError(f"{prefix}cms_chunk_sizes={chunk_sizes}: every level's chunk size must be a positive "
+                             f"multiple of {prefix}mini_batch_size={mini_batch_size} (got {c})")
+    if any(b <= a for a, b in zip(chunk_sizes, chunk_sizes[1:])):
+        raise ValueError(f"{prefix}cms_chunk_sizes={chunk_sizes} must be strictly increasing (fastest level first)")
+    for key, values, low in (("cms_inner_lrs", inner_lrs, 0), ("cms_widths", widths, 1)):
+        if values and len(values) != len(chunk_sizes):
+            raise ValueError(f"{prefix}{key}={values} needs one entry per level of {prefix}cms_chunk_sizes="
+                             f"{chunk_sizes} ({len(chunk_sizes)}), or none")
+        if any(v < low for v in values):
+            raise ValueError(f"{prefix}{key}={values}: every entry must be >= {low}")
+
+
 class PonderConfig(PretrainedConfig):
     model_type = "ponder"
 
@@ -42,6 +59,9 @@ class PonderConfig(PretrainedConfig):
         ttt_grad: str = "second_order",
         ttt_recompute: bool = False,
         ttt_update_during_decode: bool = True,
+        cms_chunk_sizes: list[int] | None = None,
+        cms_inner_lrs: list[float] | None = None,
+        cms_widths: list[int] | None = None,
         loss_average: str | None = None,
         kernels: str = "auto",
         bos_token_id: int | None = None,
@@ -98,6 +118,16 @@ class PonderConfig(PretrainedConfig):
         self.ttt_grad = ttt_grad
         self.ttt_recompute = ttt_recompute
         self.ttt_update_during_decode = ttt_update_during_decode
+        # Continuum memory (models/memory.py): one fast MLP per level in every suffix block, level l
+        # updated every cms_chunk_sizes[l] tokens at inner lr cms_inner_lrs[l] (null: ttt_inner_lr),
+        # cms_widths[l] wide (null: mlp_width). Empty: TTT-E2E's single fast MLP.
+        self.cms_chunk_sizes = list(cms_chunk_sizes or [])
+        self.cms_inner_lrs = list(cms_inner_lrs or [])
+        self.cms_widths = list(cms_widths or [])
+        if self.cms_chunk_sizes:
+            if mode != "ttt_e2e":
+                raise ValueError(f"cms_chunk_sizes={self.cms_chunk_sizes} needs mode='ttt_e2e' (got {mode!r})")
+            check_levels(self.cms_chunk_sizes, self.cms_inner_lrs, self.cms_widths, mini_batch_size, prefix="")
         # The training loss over a batch: "chunk" is TTT-E2E's (per sequence, the unweighted mean
         # over chunks of mini_batch_size tokens of each chunk's masked mean; then over sequences),
         # "token" the mean over every unmasked target. None: chunk for ttt_e2e, token otherwise.
@@ -117,18 +147,34 @@ class PonderConfig(PretrainedConfig):
         return self.mode == "ttt_e2e"
 
     @property
+    def num_levels(self) -> int:
+        """Fast MLPs per suffix block: one for TTT-E2E, one per continuum-memory level."""
+        return max(1, len(self.cms_chunk_sizes))
+
+    @property
     def mlp_width(self) -> int:
         """Width of every MLP. TTT-E2E's suffix blocks carry a second (fast) MLP, so all MLPs
         shrink to keep the parameter count of the plain model: I·L/(L+S), rounded up to a
         multiple of 128 (32 for widths under 1024). This gives the released widths of every shape
-        (2048 -> 1664 at 125M ... 6912 -> 5632 at 3B)."""
+        (2048 -> 1664 at 125M ... 6912 -> 5632 at 3B). With k continuum-memory levels a suffix
+        block carries k fast MLPs: I·L/(L+S·k)."""
         if not self.is_ttt:
             return self.intermediate_size
         if self.ttt_intermediate_size:
             return self.ttt_intermediate_size
-        L, S = self.num_hidden_layers, self.suffix_len
+        L, S = self.num_hidden_layers, self.suffix_len * self.num_levels
         multiple = 128 if self.intermediate_size >= 1024 else 32
         return -(-self.intermediate_size * L // ((L + S) * multiple)) * multiple
+
+    @property
+    def level_widths(self) -> list[int]:
+        """Width of every suffix block's fast MLP of each level, fastest first."""
+        return self.cms_widths or [self.mlp_width] * self.num_levels
+
+    @property
+    def level_inner_lrs(self) -> list[float]:
+        """Inner learning rate of each level at the end of the inner-lr warmup."""
+        return self.cms_inner_lrs or [self.ttt_inner_lr] * self.num_levels
 
     @property
     def attention_window(self) -> int | None:

@@ -12,7 +12,8 @@ QK-norm or none, scaled RoPE.
 in nanoGPT; -100 marks positions without a target.
 
 With mode="ttt_e2e" the last `suffix_len` blocks carry a fast-weight MLP that trains on the
-context as it is read (models/ttt.py). Decoding goes through a DecodeState:
+context as it is read (models/ttt.py), or one per level of continuum memory (models/memory.py,
+config.cms_chunk_sizes). Decoding goes through a DecodeState:
 
     state = model.new_state(batch_size)
     logits = model(prompt, state=state).logits         # prefill
@@ -32,6 +33,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from kernels import fast_swiglu, sliding_window_attention, swiglu, twice_differentiable_attention
 from models.config import PonderConfig
+from models.memory import inner_update
 from models.state import DecodeState
 from models.ttt import chunk_mean_loss, ttt_forward, upcast
 
@@ -142,21 +144,36 @@ class Sublayer(nn.Module):
 
 
 class Block(nn.Module):
-    """h += attn(h); [h += fast_mlp(h)]; h += mlp(h). The fast MLP exists in TTT-E2E's suffix."""
+    """h += attn(h); [h += fast_mlp(h); h += memory_mlps[0](h); ...]; h += mlp(h). The fast MLP
+    exists in TTT-E2E's suffix; continuum memory (models/memory.py) chains one more fast MLP per
+    slower level after it."""
 
     def __init__(self, config: PonderConfig, fast: bool = False):
         super().__init__()
         self.attn = Sublayer(config, Attention(config, twice_differentiable=fast))
         fast_op = partial(fast_swiglu, backend=config.kernels)
-        self.fast_mlp = (Sublayer(config, SwiGLU(config.hidden_size, config.mlp_width, fast_op), config.fast_post_norm)
-                         if fast else None)
+
+        def fast_level(width):
+            return Sublayer(config, SwiGLU(config.hidden_size, width, fast_op), config.fast_post_norm)
+
+        widths = config.level_widths if fast else []
+        self.fast_mlp = fast_level(widths[0]) if fast else None
+        self.memory_mlps = nn.ModuleList(fast_level(w) for w in widths[1:]) if len(widths) > 1 else None
         self.mlp = Sublayer(config, SwiGLU(config.hidden_size, config.mlp_width))
+
+    def fast_levels(self) -> list[Sublayer]:
+        """The fast MLPs in the order they run, fastest level first."""
+        return [self.fast_mlp, *(self.memory_mlps or [])] if self.fast_mlp is not None else []
+
+    def fast_weights(self) -> list[torch.Tensor]:
+        """W_0 of every level, flat: w1, w2, w3 of the first level, then of the next, ..."""
+        return [w for level in self.fast_levels() for w in level.f.weights()]
 
     def forward(self, h, cos, sin, past=None, fast_weights=None):
         a, kv = self.attn(h, cos, sin, past)
         h = h + a
-        if self.fast_mlp is not None:
-            h = h + self.fast_mlp(h, fast_weights)
+        for i, level in enumerate(self.fast_levels()):
+            h = h + level(h, fast_weights[3 * i : 3 * i + 3] if fast_weights is not None else None)
         return h + self.mlp(h), kv
 
 
@@ -223,7 +240,7 @@ class PonderForCausalLM(PonderPreTrainedModel):
         """An empty per-sequence decoding state: caches, and W_0 as every sequence's fast weights."""
         fast = None
         if self.config.is_ttt:
-            fast = [[w.detach().unsqueeze(0).expand(batch_size, *w.shape).clone() for w in b.fast_mlp.f.weights()]
+            fast = [[w.detach().unsqueeze(0).expand(batch_size, *w.shape).clone() for w in b.fast_weights()]
                     for b in self.blocks[self.n_prefix:]]
         return DecodeState(kv=[None] * self.config.num_hidden_layers, fast=fast)
 
@@ -231,7 +248,7 @@ class PonderForCausalLM(PonderPreTrainedModel):
                 state: DecodeState | None = None, **_) -> CausalLMOutput:
         start = state.pos if state is not None else 0
         if self.config.is_ttt:
-            logits = ttt_forward(self, input_ids, targets, state)
+            logits = ttt_forward(self, input_ids, targets, state, update=inner_update(self.config))
         else:
             logits = self.lm_head(self.run_blocks(self.blocks, self.embed(input_ids), start, state))
             if state is not None:

@@ -6,7 +6,9 @@ With TTT-E2E, `fast` holds every sequence's own fast weights (per suffix layer: 
 a leading batch dimension) and `pending_*` the chunk read since the last inner update: its suffix
 inputs and the inner targets of its positions (-100: masked; UNKNOWN: the token after the last
 one read, filled in when it arrives). The suffix layers keep their keys for that chunk beyond the window, so the
-update can recompute the chunk exactly as it was first computed.
+update can recompute the chunk exactly as it was first computed. With continuum memory, `fast` holds
+every level's weights (per suffix layer: w1, w2, w3 of the fastest level, then of the next, ...)
+and `memory` what the slower levels gathered towards their next update (models/memory.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ UNKNOWN = -1  # an inner target not read yet
 class DecodeState:
     kv: list[tuple[torch.Tensor, torch.Tensor] | None]
     fast: list[list[torch.Tensor]] | None = None
+    memory: list | None = None  # nested lists of [B, ...] tensors (or None), kept between inner updates
     pos: int = 0  # tokens read so far
     learn: bool = True  # False: fast weights stay as they are (a full pending chunk is dropped)
     chunk_start: int = 0  # position of the pending chunk's first token
@@ -61,6 +64,14 @@ class DecodeState:
         return DecodeState(
             kv=[None if kv is None else (rep(kv[0]), rep(kv[1])) for kv in self.kv],
             fast=None if self.fast is None else [[rep(w) for w in layer] for layer in self.fast],
+            memory=_map_tensors(rep, self.memory),
             pos=self.pos, learn=self.learn, chunk_start=self.chunk_start,
             pending_h=rep(self.pending_h), pending_targets=rep(self.pending_targets),
         )
+
+
+def _map_tensors(fn, x):
+    """fn applied to every tensor in nested lists (None kept)."""
+    if isinstance(x, (list, tuple)):
+        return [_map_tensors(fn, v) for v in x]
+    return None if x is None else fn(x)

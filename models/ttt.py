@@ -73,47 +73,73 @@ def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> list[torc
     return [g * scale.view(-1, *([1] * (g.dim() - 1))) for g in grads]
 
 
-def inner_sgd_step(fast: list[list[torch.Tensor]], loss: torch.Tensor, lr: float, max_norm: float,
-                   create_graph: bool, retain_graph: bool, kernels: str = "torch") -> list[list[torch.Tensor]]:
-    """One clipped SGD step of every sequence's fast weights on its own loss ([B]).
+def inner_grads(weights: list[torch.Tensor], loss: torch.Tensor, create_graph: bool, retain_graph: bool):
+    """Every sequence's gradient of its own loss ([B]) with respect to its fast weights (leading dim B).
     create_graph: differentiate through the gradient (second order); retain_graph: the outer
-    backward still needs the chunk's graph (first order in training); kernels: the backend of
-    the clip and update (PonderConfig.kernels)."""
-    flat = [w for layer in fast for w in layer]
+    backward still needs the chunk's graph (first order in training)."""
     # Each sequence's loss depends only on its own row of W, so one grad of the sum gives every
     # sequence its own gradient.
-    grads = torch.autograd.grad(loss.sum(), flat, create_graph=create_graph, retain_graph=retain_graph or create_graph)
-    if resolve_backend(kernels, loss.device) == "triton":  # fused norms and update, kernels/triton_sgd.py
-        new = iter(clipped_sgd_step(flat, list(grads), lr, max_norm))
-    else:
-        grads = clip_by_global_norm(list(grads), max_norm)
-        new = iter([w - lr * g for w, g in zip(flat, grads)])
+    return list(torch.autograd.grad(loss.sum(), weights, create_graph=create_graph,
+                                    retain_graph=retain_graph or create_graph))
+
+
+def clipped_sgd(weights: list[torch.Tensor], grads: list[torch.Tensor], lr: float, max_norm: float,
+                kernels: str = "torch") -> list[torch.Tensor]:
+    """w - lr · clip_{global norm ≤ max_norm}(g), the norm joint over all of `weights`, per sequence;
+    kernels: the backend of the clip and update (PonderConfig.kernels)."""
+    if resolve_backend(kernels, grads[0].device) == "triton":  # fused norms and update, kernels/triton_sgd.py
+        return clipped_sgd_step(weights, grads, lr, max_norm)
+    grads = clip_by_global_norm(grads, max_norm)
+    return [w - lr * g for w, g in zip(weights, grads)]
+
+
+def inner_sgd_step(fast: list[list[torch.Tensor]], loss: torch.Tensor, lr: float, max_norm: float,
+                   create_graph: bool, retain_graph: bool, kernels: str = "torch") -> list[list[torch.Tensor]]:
+    """One clipped SGD step of every sequence's fast weights on its own loss ([B])."""
+    flat = [w for layer in fast for w in layer]
+    new = iter(clipped_sgd(flat, inner_grads(flat, loss, create_graph, retain_graph), lr, max_norm, kernels))
     return [[next(new) for _ in layer] for layer in fast]
+
+
+def single_level_update(model, fast: list[list[torch.Tensor]], memory, loss: torch.Tensor, chunk_end: int,
+                        create_graph: bool, retain_graph: bool):
+    """TTT-E2E's inner update after every chunk (ttt_forward's default `update`). `memory` is what an
+    update carries between chunks besides the fast weights (none here; see models/memory.py), and
+    `chunk_end` the position after the chunk's last token."""
+    cfg = model.config
+    return inner_sgd_step(fast, loss, model.inner_lr, cfg.ttt_clip, create_graph, retain_graph, cfg.kernels), memory
 
 
 def initial_fast_weights(model, batch_size: int) -> list[list[torch.Tensor]]:
     """W_0, one (broadcast) copy per sequence, still attached to the parameters' graph."""
-    return [[w.unsqueeze(0).expand(batch_size, *w.shape) for w in block.fast_mlp.f.weights()]
+    return [[w.unsqueeze(0).expand(batch_size, *w.shape) for w in block.fast_weights()]
             for block in model.blocks[model.n_prefix:]]
 
 
-def chunk_step(model, h: torch.Tensor, start: int, past_kv: list, fast: list[list[torch.Tensor]],
-               targets: torch.Tensor | None, second_order: bool, retain_graph: bool):
+def chunk_step(model, h: torch.Tensor, start: int, past_kv: list, fast: list[list[torch.Tensor]], memory,
+               targets: torch.Tensor | None, second_order: bool, retain_graph: bool, update=single_level_update):
     """Predict one chunk with the fast weights `fast`, then (given its targets) take the inner
-    step on it. A pure function of its inputs, so it can be recomputed in the backward.
-    Returns logits, the new fast weights, and the suffix keys/values [past; chunk]."""
+    step on it with `update`. A pure function of its inputs, so it can be recomputed in the
+    backward. Returns logits, the new fast weights and update memory, and the suffix keys/values
+    [past; chunk]."""
     P = model.n_prefix
+    # This chunk's own handle on the weights: the inner gradient is the one of this chunk's forward,
+    # the keys and values of earlier chunks held fixed, even where a weight (a slow level of
+    # continuum memory) is the very tensor that computed them.
+    fast = [[w.view_as(w) for w in layer] for layer in fast]
     scratch = DecodeState(kv=[None] * P + list(past_kv))
     hidden = model.run_blocks(model.blocks[P:], h, start, scratch, P, fast)
     logits = model.lm_head(hidden)
     if targets is not None:
-        fast = inner_sgd_step(fast, inner_loss(model, hidden, logits, targets), model.inner_lr, model.config.ttt_clip,
-                              create_graph=second_order, retain_graph=retain_graph, kernels=model.config.kernels)
-    return logits, fast, scratch.kv[P:]
+        fast, memory = update(model, fast, memory, inner_loss(model, hidden, logits, targets), start + h.shape[1],
+                              second_order, retain_graph)
+    return logits, fast, memory, scratch.kv[P:]
 
 
-def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, state: DecodeState | None):
-    """Logits [B, T, V] of a TTT-E2E model; reads and advances `state` when given."""
+def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, state: DecodeState | None,
+                update=single_level_update):
+    """Logits [B, T, V] of a TTT-E2E model; reads and advances `state` when given. `update` is the
+    inner update after each chunk (single_level_update, or continuum memory's)."""
     cfg = model.config
     B, T = input_ids.shape
     b, P, L, window = cfg.mini_batch_size, model.n_prefix, cfg.num_hidden_layers, cfg.sliding_window
@@ -136,14 +162,15 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
     def step(h_chunk, chunk_start, past_kv, chunk_targets):
         """chunk_step, with the graph handling of training or of inference around it."""
         if outer_grad:
-            args = (model, h_chunk, chunk_start, past_kv, state.fast, chunk_targets, second_order, True)
+            args = (model, h_chunk, chunk_start, past_kv, state.fast, state.memory, chunk_targets, second_order, True,
+                    update)
             if cfg.ttt_recompute:  # keep only the chunk's inputs; rebuild its graph in the backward
                 return torch.utils.checkpoint.checkpoint(chunk_step, *args, use_reentrant=False)
             return chunk_step(*args)
         with torch.enable_grad():  # inference still needs the inner gradient, nothing more
-            logits, fast, kv = chunk_step(model, h_chunk, chunk_start, past_kv, _leaves(state.fast),
-                                          chunk_targets, False, False)
-        return logits.detach(), _detached(fast), [(k.detach(), v.detach()) for k, v in kv]
+            logits, fast, memory, kv = chunk_step(model, h_chunk, chunk_start, past_kv, _leaves(state.fast),
+                                                  state.memory, chunk_targets, False, False, update)
+        return logits.detach(), _detached(fast), detach_tree(memory), [(k.detach(), v.detach()) for k, v in kv]
 
     logits = []
     i = 0
@@ -153,7 +180,7 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
             # recompute it with the weights that predicted it, and learn from it.
             if state.learn:
                 past = [(k[:, :, :-b], v[:, :, :-b]) for k, v in state.kv[P:]]
-                _, state.fast, _ = step(state.pending_h, state.chunk_start, past, state.pending_targets)
+                _, state.fast, state.memory, _ = step(state.pending_h, state.chunk_start, past, state.pending_targets)
             state.trim(range(P, L), window)
             state.pending_h = state.pending_targets = None
         if state.pending_len == 0:
@@ -164,7 +191,7 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
             # (not the final chunk of a call nobody continues: those weights would go unused).
             learn = state.learn and (j < T or continued)
             chunk_targets = targets[:, i:j] if learn else None
-            piece_logits, state.fast, kv = step(h[:, i:j], start + i, state.kv[P:], chunk_targets)
+            piece_logits, state.fast, state.memory, kv = step(h[:, i:j], start + i, state.kv[P:], chunk_targets)
             state.kv[P:] = kv
             state.trim(range(P, L), window)
         else:
@@ -183,6 +210,13 @@ def _append(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 
 def _detached(fast: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
     return [[w.detach() for w in layer] for layer in fast]
+
+
+def detach_tree(x):
+    """Every tensor in nested lists detached (None kept)."""
+    if isinstance(x, (list, tuple)):
+        return [detach_tree(v) for v in x]
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def _leaves(fast: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:

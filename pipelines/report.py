@@ -7,7 +7,9 @@ run, from the runs' metrics.jsonl.
 Writes one self-contained HTML page (plots embedded) and the PNGs beside it, with a table of the
 data tokens each run needed to reach the baseline's final held-out bits per byte; the same curves
 go to an offline wandb run (`--wandb online` to upload). A run that pretrained its own base model
-(runs/<rlp>/base/) is drawn from the start of that pretraining.
+(runs/<rlp>/base/) is drawn from the start of that pretraining. A folder with a long_context.json
+(pipelines/long_context.py) gets the long-context panel: loss by position, log x, for every run with
+and without carried state, and the mean loss within and beyond the sliding window.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from training.long_context import mean_beyond, mean_within  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 
 AXES = {"tokens/data": "data tokens (corpus tokens trained on)", "flops/total": "training FLOPs"}
@@ -135,6 +138,50 @@ def plot_diagnostics(runs: list[Run], path: Path) -> bool:
     return True
 
 
+def plot_long_context(curves: dict[str, dict], path: Path) -> bool:
+    """Loss by position (log x) of every run, dashed where the state is carried across windows;
+    dotted verticals at the sliding window and the training window."""
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=110)
+    colours = {}
+    for name, c in curves.items():
+        run = name.split(" ")[0]
+        colour = colours.setdefault(run, f"C{len(colours)}")
+        mids = [math.sqrt(max(a, 0.5) * b) for a, b in c["positions"]]  # geometric middle of each span
+        ax.plot(mids, c["loss"], color=colour, linestyle="--" if c["carry"] else "-", marker="o", markersize=3,
+                linewidth=1.6, label=name)
+    first = next(iter(curves.values()))
+    for x, label in ((first["window"], "sliding window"), (first.get("train_window"), "training window")):
+        if x:
+            ax.axvline(x, color="#888", linestyle=":", linewidth=1)
+            ax.text(x, ax.get_ylim()[1], f" {label}", fontsize=7, va="top", color="#555")
+    ax.set_xscale("log")
+    ax.set_xlabel("position in the document (tokens)")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.set_title("long context: loss by position (dashed: state carried across windows)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def long_context_table(curves: dict[str, dict]) -> str:
+    """Mean loss within the sliding window, beyond it, and beyond the training window, per run."""
+    if not curves:
+        return ""
+    first = next(iter(curves.values()))
+    window, train = first["window"], first.get("train_window") or first["window"]
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{mean_within(c, window):.4f}</td>"
+                   f"<td>{mean_beyond(c, window):.4f}</td><td>{mean_beyond(c, train):.4f}</td></tr>"
+                   for name, c in curves.items())
+    return ("<h2>Long context</h2><table><tr><th>run</th><th>loss within the window (&lt; "
+            f"{window})</th><th>beyond the window (&ge; {window})</th><th>beyond the training window (&ge; {train})"
+            f"</th></tr>{rows}</table>")
+
+
 def thought_tables(runs: list[Run]) -> str:
     """Sampled thoughts at the first and the last RLP step of every run, with a loud warning when the
     base could not think (few thoughts closed at the first step)."""
@@ -184,7 +231,8 @@ def _fmt(v, spec=",.0f", none="—"):
     return none if v is None else format(v, spec)
 
 
-def write_html(runs: list[Run], rows: list[dict], target: float | None, baseline: str, pngs: list[Path], out: Path) -> Path:
+def write_html(runs: list[Run], rows: list[dict], target: float | None, baseline: str, pngs: list[Path], out: Path,
+               extra: str = "") -> Path:
     thoughts = thought_tables(runs)
     images = "\n".join(
         f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
@@ -215,6 +263,7 @@ table.thoughts td{{text-align:left;font-family:monospace;white-space:pre-wrap;ma
 <p>Held-out quality on original documents against the corpus tokens each run trained on (thinking
 tokens, generated or appended, are counted apart) and against training FLOPs. {len(runs)} runs.</p>
 {table}
+{extra}
 {images}
 {thoughts}
 </body></html>
@@ -267,8 +316,12 @@ def main(argv: list[str]) -> Path:
                 pngs.append(path)
     if plot_diagnostics(runs, out / "rlp_diagnostics.png"):
         pngs.append(out / "rlp_diagnostics.png")
+    long_context = args.runs / "long_context.json"
+    curves = json.loads(long_context.read_text()) if long_context.is_file() else {}
+    if plot_long_context(curves, out / "long_context.png"):
+        pngs.append(out / "long_context.png")
     rows, target = efficiency_table(runs, args.baseline)
-    page = write_html(runs, rows, target, args.baseline, pngs, out)
+    page = write_html(runs, rows, target, args.baseline, pngs, out, extra=long_context_table(curves))
     if args.wandb != "disabled":
         log_to_wandb(runs, args.wandb, out)
     for r in rows:

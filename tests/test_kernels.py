@@ -284,7 +284,10 @@ def tiny_ttt(kernels, dtype=torch.float32, **shape):
     return model
 
 
-@pytest.mark.parametrize("shape", [{}, LLAMA_SHAPE], ids=["ttt_e2e", "llama_shape"])
+CMS_LEVELS = dict(cms_chunk_sizes=[4, 8], cms_inner_lrs=[0.5, 0.8])  # a slow level that steps at 8
+
+
+@pytest.mark.parametrize("shape", [{}, LLAMA_SHAPE, CMS_LEVELS], ids=["ttt_e2e", "llama_shape", "cms"])
 def test_ttt_model_triton_matches_torch_with_meta_gradient(shape):
     """Loss, logits and the second-order meta-gradient of every parameter (the untied head's
     included): kernels triton vs torch."""

@@ -79,3 +79,26 @@ def test_browser_renders_the_plots(runs, tmp_path):
     for rgb in ((31, 119, 180), (255, 127, 14)):
         close = (np.abs(pixels - np.array(rgb)).sum(-1) < 40).sum()
         assert close > 200, (rgb, close)
+
+
+def test_long_context_panel_from_measured_curves(runs):
+    """long_context.json as pipelines/long_context.py writes it (curves measured on a tiny model):
+    the panel is drawn, and the table's means are those of the curves' positions."""
+    import torch
+
+    from models import PonderConfig, PonderForCausalLM
+    from training.long_context import measure, write_curves
+
+    torch.manual_seed(0)
+    model = PonderForCausalLM(PonderConfig(vocab_size=31, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=32, mode="swa", sliding_window=4)).eval()
+    docs = torch.randint(0, 31, (3, 33)).tolist()
+    curves = measure(model, docs, 32, 8, "swa", "cpu")
+    write_curves(runs / "long_context.json", curves)
+    page = report.main([str(runs), "--wandb", "disabled"]).read_text()
+    assert (runs / "report" / "long_context.png").is_file() and page.count("<img") == 5
+    carried = curves["swa +carry"]
+    beyond = [y for (a, b), y in zip(carried["positions"], carried["loss"]) if a >= 4]
+    spans = [b - a for a, b in carried["positions"] if a >= 4]
+    assert f"{sum(w * y for w, y in zip(spans, beyond)) / sum(spans):.4f}" in page
+    assert carried["loss"] != curves["swa"]["loss"]  # carrying the window changes what later windows see

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models import PonderConfig, PonderForCausalLM
+from tests.finite_differences import assert_meta_gradient_matches_finite_differences
 
 V = 61
 
@@ -30,12 +31,6 @@ def test_meta_gradient_matches_finite_differences_float64(masked):
     y = next_tokens(x)
     if masked:  # a masked target mid-chunk, a whole masked chunk, and one in the partial last chunk
         y[0, 1], y[1, 4:8], y[1, 12] = -100, -100, -100
-
-    def loss():
-        return model(x, targets=y).loss
-
-    model.zero_grad()
-    loss().backward()
     params = {
         "W_0 (fast w1, last block)": model.blocks[3].fast_mlp.f.w1.weight,
         "W_0 (fast w2, first suffix block)": model.blocks[2].fast_mlp.f.w2.weight,
@@ -44,20 +39,7 @@ def test_meta_gradient_matches_finite_differences_float64(masked):
         "slow: suffix attention post-norm": model.blocks[3].attn.post_norm.weight,
         "slow: embedding": model.embed.weight,
     }
-    gen = torch.Generator().manual_seed(2)
-    for name, p in params.items():
-        for _ in range(3):
-            idx = tuple(torch.randint(0, n, (1,), generator=gen).item() for n in p.shape)
-            eps = 1e-6
-            with torch.no_grad():
-                orig = p[idx].item()
-                p[idx] = orig + eps
-                plus = loss().item()
-                p[idx] = orig - eps
-                minus = loss().item()
-                p[idx] = orig
-            fd = (plus - minus) / (2 * eps)
-            assert p.grad[idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-8), (name, idx)
+    assert_meta_gradient_matches_finite_differences(model, x, y, params)
 
 
 def test_first_order_gradient_differs_from_second_order():
@@ -118,17 +100,26 @@ def test_sequences_do_not_share_fast_weights():
     torch.testing.assert_close(changed_neighbours[1], together[1], rtol=1e-5, atol=1e-5)
 
 
+def decode_in_pieces(model, x, pieces, copy_at=None):
+    """The logits of x read piece by piece through one decoding state, and that state; from the
+    piece holding position `copy_at` on, an expanded copy of the state reads on instead."""
+    state = model.new_state(x.shape[0])
+    parts, i = [], 0
+    for n in pieces:
+        parts.append(model(x[:, i : i + n], state=state).logits)
+        if copy_at is not None and i < copy_at <= i + n:
+            state = state.expand(1)
+        i += n
+    return parts, state
+
+
 @pytest.mark.parametrize("pieces", [[1] * 23, [5, 1, 1, 7, 9], [8, 8, 7], [23]])
 def test_decoding_matches_the_training_forward(pieces):
     model = ttt_model().eval()
     x = torch.randint(0, V, (2, 23))
     with torch.no_grad():
         full = model(x).logits
-        state = model.new_state(2)
-        parts, i = [], 0
-        for n in pieces:
-            parts.append(model(x[:, i : i + n], state=state).logits)
-            i += n
+        parts, state = decode_in_pieces(model, x, pieces)
     # The cache stays O(window): sliding window plus at most one pending chunk.
     assert all(k.shape[2] <= 8 + 4 for k, _ in state.kv)
     assert state.pos == 23
@@ -193,12 +184,13 @@ def test_ttt_parameter_count_matches_the_plain_model(name):
     assert abs(counts["ttt_e2e"] - counts["full"]) / counts["full"] < 0.02, counts
 
 
-def test_recompute_per_chunk_gives_the_same_gradients():
+@pytest.mark.parametrize("levels", [[], [4, 8]], ids=["ttt_e2e", "cms"])
+def test_recompute_per_chunk_gives_the_same_gradients(levels):
     x = torch.randint(0, V, (2, 16))
     y = next_tokens(x)
     grads = {}
     for recompute in (False, True):
-        model = ttt_model(torch.float64, ttt_recompute=recompute)
+        model = ttt_model(torch.float64, ttt_recompute=recompute, cms_chunk_sizes=levels)
         model(x, targets=y).loss.backward()
         grads[recompute] = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-10, atol=1e-12)

@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from models.config import check_levels
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -82,6 +84,14 @@ class ModelConfig:
     # tokens per inner-loop chunk.
     suffix_len: int | None = None
     mini_batch_size: int = positive(32)
+    # Continuum memory (models/memory.py, methods.md §5): one fast MLP per level in every suffix
+    # block, level l updated every cms_chunk_sizes[l] tokens (strictly increasing multiples of
+    # mini_batch_size, e.g. [32, 128, 512]); [] is TTT-E2E's single fast MLP. Per level, the inner lr
+    # at the end of the warmup ([]: ttt.inner_lr for all) and the width ([]: the MLP width, shrunk
+    # so the parameter count matches the plain model).
+    cms_chunk_sizes: list = _field([])
+    cms_inner_lrs: list = _field([])
+    cms_widths: list = _field([])
 
     def validate(self) -> None:
         if self.suffix_len is not None and not 1 <= self.suffix_len <= self.num_hidden_layers:
@@ -101,6 +111,12 @@ class ModelConfig:
             raise ConfigError("model.hidden_size / model.num_attention_heads (the head dim) must be even for RoPE")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ConfigError(f"model.vocab_size={self.vocab_size} must be > 0 (or null: the tokenizer's size)")
+        if self.cms_chunk_sizes and self.mode != "ttt_e2e":
+            raise ConfigError(f"model.cms_chunk_sizes={self.cms_chunk_sizes} needs model.mode=ttt_e2e (got {self.mode})")
+        try:
+            check_levels(self.cms_chunk_sizes, self.cms_inner_lrs, self.cms_widths, self.mini_batch_size, prefix="model.")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -123,6 +139,10 @@ class TTTConfig:
     # over chunks of each chunk's masked mean) or token (over all unmasked targets).
     # null: chunk with model.mode=ttt_e2e, token for full and swa.
     loss_average: str | None = one_of(None, "chunk", "token")
+    # Evaluation reads the held-out windows as streams of consecutive windows, carrying the
+    # attention cache and every level's fast weights from one window to the next (full, swa and
+    # ttt_e2e alike; training/long_context.py).
+    carry_state: bool = False
 
 
 # Short documents whose answer is hard to predict without working it out. gsm_symbolic (GSM8K
@@ -375,6 +395,32 @@ class CompareConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+LONG_CONTEXT_ARMS = ("full", "swa", "ttt_e2e", "cms")
+
+
+@dataclass
+class LongContextConfig:
+    """Loss by position beyond the window (pipelines/long_context.py): full attention, SWA, TTT-E2E
+    and continuum memory trained on the same long documents, tokens and (near) parameter count,
+    each evaluated with and without state carried across windows."""
+
+    out_dir: str = "runs/long_context"
+    seed: int = 0
+    arms: list = _field(list(LONG_CONTEXT_ARMS), f"must be a non-empty list drawn from {list(LONG_CONTEXT_ARMS)}",
+                        lambda v: len(v) > 0 and all(a in LONG_CONTEXT_ARMS for a in v))
+    cms_chunk_sizes: list = _field([16, 64])  # the cms arm's levels (model.cms_chunk_sizes)
+    data_tokens: int = positive(400_000)  # every arm trains on this many corpus tokens
+    batch_size: int = positive(8)
+    lr: float = positive(3e-3)
+    eval_windows_of_context: int = positive(8)  # positions evaluated: this many sliding windows
+    eval_segments: int = positive(64)  # held-out segments of that length (cut from the held-out documents)
+    reuse: bool = False  # true: an arm already trained in out_dir is evaluated again, not retrained
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # data.source: long text files, one document per file (a folder, a file or a glob)
+    data: DataConfig = field(default_factory=DataConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+
+
 @dataclass
 class ConvertModelConfig:
     """What the conversion chooses; every other shape comes from the source."""
@@ -485,6 +531,11 @@ def _check_keys(layer: dict, schema: type, prefix: str, origin: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix + key} is a section ({sorted(f.name for f in dataclasses.fields(sub))}), not a value")
             _check_keys(value, sub, f"{prefix}{key}.", origin)
+
+
+def check_config(cfg: Any) -> None:
+    """Every value of a config built in code checked as load_config checks a loaded one."""
+    _check_values(cfg, "")
 
 
 def _check_values(obj: Any, prefix: str) -> None:

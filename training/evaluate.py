@@ -22,23 +22,36 @@ from training.data import split_window
 
 @torch.no_grad()
 def heldout_bpb(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_size: int = 16,
-                device: str | torch.device = "cpu", position_buckets: int = 8, boundary_id: int | None = None) -> dict:
+                device: str | torch.device = "cpu", position_buckets: int = 8, boundary_id: int | None = None,
+                carry_state: bool = False) -> dict:
     """windows: [N, T+1] held-out token windows; token_bytes: [V] bytes per token id.
 
     Also eval/loss_by_position: the mean loss in `position_buckets` equal spans of the window,
     earliest first (with TTT-E2E it falls along the window as the fast weights learn).
-    A TTT-E2E model runs its inner loop here, as at test time."""
+    A TTT-E2E model runs its inner loop here, as at test time. carry_state: the windows (consecutive
+    pieces of the held-out stream) are read as `batch_size` streams of consecutive windows, each
+    stream's state (attention cache, fast weights) carried from one window to the next."""
     was_training = model.training
     model.eval()
     nats, n_bytes, n_tokens = 0.0, 0, 0
     seq_len = windows.shape[1] - 1
     pos_nats, pos_count = torch.zeros(seq_len), torch.zeros(seq_len)
     token_bytes = token_bytes.to(device)
-    for i in range(0, len(windows), batch_size):
-        w = windows[i : i + batch_size].to(device)
+    state = None
+    if carry_state:
+        streams = min(batch_size, len(windows))
+        per_stream = len(windows) // streams
+        batches = windows[: streams * per_stream].view(streams, per_stream, -1).unbind(1)
+        state = model.new_state(streams)
+    else:
+        batches = windows.split(batch_size)
+    for w in batches:
+        w = w.to(device)
         inputs, targets = w[:, :-1], w[:, 1:]
         if is_ttt(model):  # the inner loop learns from the targets training would (boundaries masked)
-            logits = model(inputs, targets=split_window(w, boundary_id)[1]).logits
+            logits = model(inputs, targets=split_window(w, boundary_id)[1], state=state).logits
+        elif state is not None:
+            logits = model(inputs, state=state).logits
         else:
             logits = model(inputs).logits
         losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")

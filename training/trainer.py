@@ -84,7 +84,8 @@ class Trainer:
         self.prior = prior_counters or {}
         self.flops_per_token = model.flops_per_token(loader.seq_len)
         self.is_ttt = model.config.is_ttt
-        self.slow_params = [p for name, p in model.named_parameters() if ".fast_mlp." not in name]
+        self.slow_params = [p for name, p in model.named_parameters()
+                            if ".fast_mlp." not in name and ".memory_mlps." not in name]
         self.boundary_id = model.config.eos_token_id if cfg.data.mask_boundary_targets else None
         if self.is_ttt:
             self.model.inner_lr = self.inner_lr_at(0)
@@ -142,7 +143,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         with self.autocast:
             metrics = heldout_bpb(self.model, self.heldout_windows, self.token_bytes, self.cfg.train.batch_size, self.device,
-                                  boundary_id=self.boundary_id)
+                                  boundary_id=self.boundary_id, carry_state=self.cfg.ttt.carry_state)
             if self.task_eval is not None:
                 metrics.update(self.task_eval(self.model))
         return metrics

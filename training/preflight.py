@@ -113,3 +113,19 @@ def check_tokenizer_fits(base: Path, tokenizer, think_tokens: bool = True) -> No
     if missing or tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer {tokenizer.name_or_path} lacks {missing or ['an eos token']}: RLP needs "
                           "<think>, </think> and an eos token (train one with training/tokenizer.py)")
+
+
+def check_proxy_vocab(proxy: Path, base: Path, tokenizer) -> None:
+    """RPT's proxy scores the policy's token ids: it must share the policy's vocabulary (its
+    vocab_size, and the tokenizer saved beside it when there is one)."""
+    check_base(proxy)
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    proxy_size, base_size = AutoConfig.from_pretrained(proxy).vocab_size, AutoConfig.from_pretrained(base).vocab_size
+    beside = tokenizer_beside(proxy)
+    proxy_tok = PreTrainedTokenizerFast.from_pretrained(beside) if beside is not None else None
+    if proxy_size != base_size or (proxy_tok is not None and proxy_tok.get_vocab() != tokenizer.get_vocab()):
+        theirs = f"tokenizer {beside} with {len(proxy_tok)} tokens" if proxy_tok is not None else "no tokenizer beside it"
+        raise ConfigError(f"rpt.proxy={proxy} (vocab_size {proxy_size}, {theirs}) does not share the vocabulary of "
+                          f"base={base} (vocab_size {base_size}, tokenizer {tokenizer.name_or_path} with {len(tokenizer)} "
+                          "tokens): give a proxy trained with the policy's tokenizer")

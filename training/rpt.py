@@ -48,14 +48,17 @@ class RPTAccuracy:
         prompts = [c + [self.think_open] for c in self.contexts]
         outputs = engine.generate(prompts, 1, self.max_new_tokens, 0.0, stop=[self.tokenizer.eos_token_id])
         model.train(was_training)
-        correct = [self.grade(c, t, out[0].ids) for c, t, out in zip(self.contexts, self.targets, outputs)]
+        correct = [graded(self.tokenizer, self.reward, c, t, out[0].ids)
+                   for c, t, out in zip(self.contexts, self.targets, outputs)]
         return bucket_accuracy(correct, self.entropy)
 
-    def grade(self, context: list[int], target: list[int], response: list[int]) -> bool:
-        inp = RewardInput(context_ids=context, target_ids=target, target_token_texts=token_texts(self.tokenizer, target),
-                          thought_ids=[response], thought_texts=[self.tokenizer.decode(response)])
-        value = self.reward(inp)[0]
-        return value is not None and value >= 1.0
+
+def graded(tokenizer, reward, context: list[int], target: list[int], response: list[int]) -> bool:
+    """Whether `reward` grades the response (token ids after <think>) 1 against the true tokens."""
+    inp = RewardInput(context_ids=context, target_ids=target, target_token_texts=token_texts(tokenizer, target),
+                      thought_ids=[response], thought_texts=[tokenizer.decode(response)])
+    value = reward(inp)[0]
+    return value is not None and value >= 1.0
 
 
 def bucket_accuracy(correct: list[bool], entropy: list[float]) -> dict[str, float]:

@@ -40,6 +40,11 @@ from training.rpt import RPTAccuracy  # noqa: E402
 from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir  # noqa: E402
 
 
+CANNOT_ANSWER = ("few responses reach the eos token within rpt.response_max_tokens, so few close a box and the reward "
+                 "is mostly 0. Start from a base that writes \"</think>\\boxed{...}\" (bench/rpt_vs_trl.py shows a short "
+                 "warm-up on that format) or raise rpt.response_max_tokens.")
+
+
 def main(argv: list[str]) -> dict:
     cfg = parse_config_or_exit(RPTTrainConfig, CONFIG_DIR / "rpt_train.yaml", argv)
     torch.manual_seed(cfg.seed)
@@ -62,7 +67,8 @@ def main(argv: list[str]) -> dict:
         pool = RolloutPool(workers, cfg.rollout.timeout_s)
         if cfg.sync.method == "collective":
             pool.start_collective(learner, cfg.sync.bucket_mb)
-        loop = RLPLoop(cfg, learner, pool, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed))
+        loop = RLPLoop(cfg, learner, pool, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed),
+                       cannot_think=CANNOT_ANSWER)
         resumed = ray.get(learner.resume.remote()) if cfg.resume else None
         if resumed is not None:
             loop.load_state_dict(resumed)

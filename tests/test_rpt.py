@@ -90,6 +90,7 @@ def test_prediction_boxed_across_tokens_scores_by_the_byte_rule(tok):
     assert graded(tok, reward, context, target_e, response(tok.decode(e_bytes[:1]), "")) is False  # half a character
     boxed_e = enc("so") + [close] + enc("\\boxed{") + e_bytes + enc("}") + [eos]
     assert graded(tok, reward, context, target_e, boxed_e) == ("é".encode() in boundaries)
+    assert graded(tok, reward, context, target_e, boxed_e) and len(target_e) == 3  # here the target splits é too
 
 
 def test_buckets_nest_by_entropy():

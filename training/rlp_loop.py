@@ -29,6 +29,8 @@ from training.metrics import MetricsLogger
 from training.trainer import timed
 
 CLOSED_FRAC_WARNING = 0.5  # below this share of self-closed thoughts at the first step, the base cannot think
+CANNOT_THINK = ("the base cannot think, and RLP's information gain will be strongly negative. Start from a base trained "
+                "on thoughts (leave base= empty, pretrain.augment=think) or raise rlp.thought_max_tokens.")
 
 
 class DroppedRewardsError(RuntimeError):
@@ -36,8 +38,9 @@ class DroppedRewardsError(RuntimeError):
 
 
 class RLPLoop:
-    def __init__(self, cfg, learner, pool: RolloutPool, loader: WindowLoader):
+    def __init__(self, cfg, learner, pool: RolloutPool, loader: WindowLoader, cannot_think: str = CANNOT_THINK):
         self.cfg, self.learner, self.pool, self.loader = cfg, learner, pool, loader
+        self.cannot_think = cannot_think  # what the first step's warning says when few thoughts close
         self.dropped_streak, self.first_drop = 0, ""  # consecutive steps over rlp.max_dropped_frac
         self.ahead = None  # (windows, Pending | list[Rollouts] | None): the next step's rollouts
 
@@ -106,7 +109,8 @@ class RLPLoop:
             metrics.update(self.pool.counters())
             thought_tokens = sum(r.thought_tokens for r in rollouts)
             metrics["perf/rollout_tokens_per_s"] = thought_tokens / timings["timing_s/rollout"]
-            log_thoughts(logger.path.parent, step, rollouts, metrics, first_step=step == start + 1)
+            log_thoughts(logger.path.parent, step, rollouts, metrics, first_step=step == start + 1,
+                         cannot_think=self.cannot_think)
             if rollouts:
                 gains.append(metrics["rlp/reward_mean"])
                 closed.append(metrics["rlp/closed_frac"])
@@ -135,7 +139,8 @@ class RLPLoop:
         return summary
 
 
-def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_step: bool) -> None:
+def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_step: bool,
+                 cannot_think: str = CANNOT_THINK) -> None:
     """Append the step's example thoughts to thoughts.jsonl (the report's table), and warn loudly
     when the base cannot think: RLP's reward needs thoughts the policy closes itself."""
     examples = [e for r in rollouts for e in r.examples]
@@ -144,5 +149,4 @@ def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_
             f.write(json.dumps({"step": step, "examples": examples}) + "\n")
     if first_step and metrics.get("rlp/closed_frac", 1.0) < CLOSED_FRAC_WARNING:
         tqdm.write(f"WARNING: the policy closed only {metrics['rlp/closed_frac']:.0%} of its thoughts at the first step: "
-                   "the base cannot think, and RLP's information gain will be strongly negative. Start from a base "
-                   "trained on thoughts (leave base= empty, pretrain.augment=think) or raise rlp.thought_max_tokens.")
+                   + cannot_think)

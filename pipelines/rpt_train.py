@@ -24,18 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.rlp_midtrain import base_counters, placement  # noqa: E402
-from rollout.pool import AllWorkersFailed, RolloutPool  # noqa: E402
+from pipelines.rlp_midtrain import build_graph, cli, placement  # noqa: E402
 from rollout.rpt import RPTWorker  # noqa: E402
 from training.cluster import start_ray  # noqa: E402
 from training.config import CONFIG_DIR, RPTTrainConfig  # noqa: E402
-from training.data import WindowLoader, prepare_data  # noqa: E402
-from training.distributed import in_bundle  # noqa: E402
-from training.learner_group import start_learners  # noqa: E402
-from training.metrics import MetricsLogger  # noqa: E402
+from training.data import prepare_data  # noqa: E402
 from training.preflight import (check_base, check_data_files, check_proxy_vocab, check_tokenizer_fits,  # noqa: E402
                                 tokenizer_beside)
-from training.rlp_loop import DroppedRewardsError, RLPLoop  # noqa: E402
+from training.rlp_loop import run_graph  # noqa: E402
 from training.rpt import RPTAccuracy  # noqa: E402
 from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir  # noqa: E402
 
@@ -63,23 +59,14 @@ def main(argv: list[str]) -> dict:
     tokenizer_dir = str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else str(run_dir / "tokenizer")
     started = start_ray(cfg.ray_address)
     try:
-        learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir, placement(cfg))
-        pool = RolloutPool(workers, cfg.rollout.timeout_s)
-        if cfg.sync.method == "collective":
-            pool.start_collective(learner, cfg.sync.bucket_mb)
-        loop = RLPLoop(cfg, learner, pool, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed),
-                       cannot_think=CANNOT_ANSWER)
-        resumed = ray.get(learner.resume.remote()) if cfg.resume else None
-        if resumed is not None:
-            loop.load_state_dict(resumed)
-        logger = MetricsLogger(run_dir, config=dataclasses.asdict(cfg), wandb_mode=cfg.wandb.mode,
-                               project=cfg.wandb.project, entity=cfg.wandb.entity, run_name=cfg.run_name,
-                               resume_step=resumed["version"] if resumed else None)
-        try:
-            summary = loop.run(logger, start=resumed["version"] if resumed else 0,
-                               first_extra={"data/docs_skipped": data.docs_skipped})
-        finally:
-            logger.close()
+        with config_errors_exit():  # a resource request the cluster cannot hold: one line, before anything runs
+            groups = placement(cfg)
+        # RLP's learner (its policy loss over every response token; rlp.ttt_weight=0: no next-token term)
+        # and rollout workers that choose positions and write responses as RPT does.
+        learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir, groups, task_eval=rpt_accuracy(cfg, data),
+                                       worker=RPTWorker, rpt_cfg=cfg.rpt)
+        with config_errors_exit():  # a learner that cannot see the run directory: one line
+            summary = run_graph(cfg, learner, workers, data, run_dir, cannot_think=CANNOT_ANSWER)
     finally:
         if started:
             ray.shutdown()
@@ -90,33 +77,18 @@ def main(argv: list[str]) -> dict:
     return summary
 
 
-def build_graph(cfg: RPTTrainConfig, data, base: Path, tokenizer_dir: str, run_dir: Path, groups):
-    """The learner ranks (RLP's learner: its policy loss over every response token, no next-token
-    term) and the RPTWorker actors, all starting from `base`."""
+def rpt_accuracy(cfg: RPTTrainConfig, data) -> RPTAccuracy | None:
+    """The held-out positions the learner evaluates next-token accuracy on (None: rpt.eval_positions=0)."""
     from transformers import AutoModelForCausalLM
 
-    tok, rpt = data.tokenizer, cfg.rpt
-    accuracy = None
-    if rpt.eval_positions:
-        proxy = AutoModelForCausalLM.from_pretrained(rpt.proxy).eval()
-        accuracy = RPTAccuracy(tok, proxy, data.heldout_windows, rpt.eval_positions, cfg.rlp.min_context,
-                               rpt.entropy_top_k, rpt.response_max_tokens, cfg.reward, cfg.seed)
-        print(f"RPT evaluation: {len(accuracy)} held-out positions with proxy entropy > 0.5")
-    learner_pg, worker_pg = groups
-    learner = start_learners(cfg, learner_pg, cfg, str(base), str(run_dir), data.heldout_windows, data.token_bytes,
-                             tok.convert_tokens_to_ids("<think>"), tok.pad_token_id, task_eval=accuracy,
-                             initial_counters=base_counters(base))
-    r = cfg.rollout
-    workers = [ray.remote(RPTWorker).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, max_restarts=-1,
-                                             **in_bundle(worker_pg, i))
-               .remote(str(base), tokenizer_dir, cfg.rlp, rpt, cfg.reward, cfg.seed * 1000 + i, None, engine=r.engine)
-               for i in range(r.num_workers)]
-    return learner, workers
+    if not cfg.rpt.eval_positions:
+        return None
+    proxy = AutoModelForCausalLM.from_pretrained(cfg.rpt.proxy).eval()
+    accuracy = RPTAccuracy(data.tokenizer, proxy, data.heldout_windows, cfg.rpt.eval_positions, cfg.rlp.min_context,
+                           cfg.rpt.entropy_top_k, cfg.rpt.response_max_tokens, cfg.reward, cfg.seed)
+    print(f"RPT evaluation: {len(accuracy)} held-out positions with proxy entropy > 0.5")
+    return accuracy
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (DroppedRewardsError, AllWorkersFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    cli(main)

@@ -57,8 +57,8 @@ class RPTWorker(RolloutWorker):
     """A RolloutWorker whose positions come from the proxy's entropy and whose thoughts are RPT
     responses. Weights, generators and restarts work as for RLP (rollout/pool.py)."""
 
-    def __init__(self, model_dir: str, tokenizer_dir: str, rlp_cfg, rpt_cfg, reward: str, seed: int,
-                 device: str | None = "cpu", engine: str = "torch"):
+    def __init__(self, model_dir: str, tokenizer_dir: str, rlp_cfg, reward: str, seed: int,
+                 device: str | None = "cpu", engine: str = "torch", *, rpt_cfg):
         from transformers import AutoModelForCausalLM
 
         super().__init__(model_dir, tokenizer_dir, rlp_cfg, reward, seed, device, engine)

@@ -16,6 +16,7 @@ collected into it, with every generator, so a resumed run takes the steps an unk
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from rollout.pool import Pending, RolloutPool
 from training.checkpoint import rng_state, set_rng_state
+from training.config import ConfigError
 from training.data import WindowLoader
 from training.metrics import MetricsLogger
 from training.trainer import timed
@@ -137,6 +139,32 @@ class RLPLoop:
                                        f"mean information gain {early:+.4f} -> {late:+.4f} nats (change {late - early:+.4f}, "
                                        f"first and last {k} steps)")
         return summary
+
+
+def run_graph(cfg, learner, workers: list, data, run_dir: Path, cannot_think: str = CANNOT_THINK) -> dict:
+    """Drive a built graph (a learner group and its rollout workers) through cfg.train.steps: the
+    pool, the weight sync, the loop over the train windows, resumed at the last checkpoint when
+    cfg.resume, metrics into run_dir. Returns the loop's summary."""
+    if not ray.get(learner.sees.remote(str(run_dir / "config.yaml"))):
+        raise ConfigError(f"the learner runs on another node and cannot see {run_dir}: on several nodes "
+                          "give out_dir=<a path on a filesystem every node sees>")
+    pool = RolloutPool(workers, cfg.rollout.timeout_s)
+    if cfg.sync.method == "collective":
+        pool.start_collective(learner, cfg.sync.bucket_mb)
+    loop = RLPLoop(cfg, learner, pool, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed),
+                   cannot_think)
+    resumed = ray.get(learner.resume.remote()) if cfg.resume else None
+    if resumed is not None:
+        loop.load_state_dict(resumed)
+        print(f"resumed {run_dir} at version {resumed['version']}")
+    logger = MetricsLogger(run_dir, config=dataclasses.asdict(cfg), wandb_mode=cfg.wandb.mode,
+                           project=cfg.wandb.project, entity=cfg.wandb.entity, run_name=cfg.run_name,
+                           resume_step=resumed["version"] if resumed else None)
+    try:
+        return loop.run(logger, start=resumed["version"] if resumed else 0,
+                        first_extra={"data/docs_skipped": data.docs_skipped})
+    finally:
+        logger.close()
 
 
 def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_step: bool,

@@ -52,10 +52,10 @@ def main(argv: list[str]) -> dict:
         if not cfg.data.tokenizer and tokenizer_beside(base):
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tokenizer_beside(base))))
         cfg = dataclasses.replace(cfg, rpt=dataclasses.replace(cfg.rpt, proxy=str(proxy)))
+        check_proxy_vocab(proxy, base, cfg.data.tokenizer)
         run_dir = prepare_run_dir(cfg)
         data = prepare_data(cfg.data, run_dir, cfg.seed)
         check_tokenizer_fits(base, data.tokenizer)
-        check_proxy_vocab(proxy, base, data.tokenizer)
     tokenizer_dir = str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else str(run_dir / "tokenizer")
     started = start_ray(cfg.ray_address)
     try:

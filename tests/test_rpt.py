@@ -141,7 +141,8 @@ def corpus_file(tmp_path):
     return path
 
 
-def test_proxy_with_another_vocabulary_fails_at_start_naming_both(tok, tmp_path, capsys):
+@pytest.mark.parametrize("proxy_vocab", ["its own size", "the policy's size"])
+def test_proxy_with_another_vocabulary_fails_at_start_naming_both(tok, tmp_path, capsys, proxy_vocab):
     import ray
 
     import pipelines.rpt_train as rpt_train
@@ -150,16 +151,17 @@ def test_proxy_with_another_vocabulary_fails_at_start_naming_both(tok, tmp_path,
     tok.save_pretrained(tmp_path / "base")
     other = train_tokenizer(CORPUS[:50], vocab_size=280)
     assert len(other) != len(tok)
-    tiny_llama(other).save_pretrained(tmp_path / "proxy")
+    # A model of the other tokenizer's size, or of the policy's size with the other tokenizer beside it.
+    tiny_llama(other if proxy_vocab == "its own size" else tok).save_pretrained(tmp_path / "proxy")
     other.save_pretrained(tmp_path / "proxy")
     with pytest.raises(SystemExit) as exit_info:
         rpt_train.main([f"base={tmp_path / 'base'}", f"rpt.proxy={tmp_path / 'proxy'}", f"data.source={corpus_file(tmp_path)}",
                         f"out_dir={tmp_path / 'runs'}", "data.seq_len=24", "rlp.min_context=8", "wandb.mode=disabled"])
     assert exit_info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("config error")]
-    assert len(err) == 1 and str(tmp_path / "proxy") in err[0] and str(tmp_path / "base") in err[0]
-    assert f"vocab_size {len(other)}" in err[0] and f"vocab_size {len(tok)}" in err[0]
-    assert not ray.is_initialized()
+    assert len(err) == 1 and f"rpt.proxy={tmp_path / 'proxy'}" in err[0] and f"base={tmp_path / 'base'}" in err[0]
+    assert f"{len(other)} tokens" in err[0] and f"{len(tok)} tokens" in err[0]
+    assert not ray.is_initialized() and not (tmp_path / "runs").exists()  # before Ray, before the run directory
 
 
 @pytest.mark.slow

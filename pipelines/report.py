@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import io
 import json
 import math
 import sys
@@ -32,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from training.long_context import mean_beyond, mean_within  # noqa: E402
+from training.evaluate import wilson_interval  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 
 AXES = {"tokens/data": "data tokens (corpus tokens trained on)", "flops/total": "training FLOPs"}
@@ -43,6 +43,8 @@ QUALITY = {"eval/bpb": "held-out bits per byte (lower is better)",
 # RLP's per-step diagnostics, drawn against the step for every run that logs them.
 DIAGNOSTICS = {"rlp/reward_mean": "mean reward (information gain, nats)", "rlp/reward_pos_frac": "share of rewards > 0",
                "rlp/closed_frac": "share of thoughts the policy closed", "rlp/thought_len": "thought length (tokens)"}
+# RPT's next-token accuracy on held-out positions, by the proxy's entropy there (nats).
+RPT_BUCKETS = {"easy": "> 0.5", "medium": "> 1.0", "hard": "> 1.5"}
 CLOSED_FRAC_WARNING = 0.5
 
 
@@ -162,6 +164,35 @@ def plot_long_context(curves: dict[str, dict], path: Path) -> bool:
     ax.set_title("long context: loss by position (dashed: state carried across windows)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_rpt_accuracy(runs: list[Run], path: Path) -> bool:
+    """RPT's held-out next-token accuracy per entropy bucket, against the step, one line per run
+    (with 95% Wilson intervals over the bucket's positions)."""
+    series = {r.name: [p for p in r.points if p.get("eval/rpt_acc_easy") is not None] for r in runs}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return False
+    fig, axes = plt.subplots(1, len(RPT_BUCKETS), figsize=(4.2 * len(RPT_BUCKETS), 3.4), dpi=100, sharey=True)
+    for ax, (bucket, rule) in zip(axes, RPT_BUCKETS.items()):
+        key, n_key = f"eval/rpt_acc_{bucket}", f"eval/rpt_n_{bucket}"
+        for name, points in series.items():
+            pts = [(p["step"], p[key], p.get(n_key, 0)) for p in points if p.get(key) is not None and math.isfinite(p[key])]
+            if not pts:
+                continue
+            steps, accs, ns = zip(*pts)
+            ci = [wilson_interval(round(a * n), n) for a, n in zip(accs, ns)]
+            line = ax.plot(steps, accs, marker="o", markersize=3, linewidth=1.6, label=f"{name} (n={ns[-1]})")[0]
+            ax.fill_between(steps, [lo for lo, _ in ci], [hi for _, hi in ci], color=line.get_color(), alpha=0.15)
+        ax.set_title(f"RPT next-token accuracy, {bucket} (proxy entropy {rule} nats)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("held-out accuracy")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -320,6 +351,8 @@ def main(argv: list[str]) -> Path:
     curves = json.loads(long_context.read_text()) if long_context.is_file() else {}
     if plot_long_context(curves, out / "long_context.png"):
         pngs.append(out / "long_context.png")
+    if plot_rpt_accuracy(runs, out / "rpt_accuracy.png"):
+        pngs.append(out / "rpt_accuracy.png")
     rows, target = efficiency_table(runs, args.baseline)
     page = write_html(runs, rows, target, args.baseline, pngs, out, extra=long_context_table(curves))
     if args.wandb != "disabled":

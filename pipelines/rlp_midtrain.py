@@ -25,17 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from rollout.pool import AllWorkersFailed, RolloutPool  # noqa: E402
+from rollout.pool import AllWorkersFailed  # noqa: E402
 from rollout.worker import RolloutWorker  # noqa: E402
 from training.checkpoint import checkpoint_step, check_model_dir, latest_checkpoint  # noqa: E402
 from training.cluster import start_ray  # noqa: E402
-from training.config import CONFIG_DIR, ConfigError, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
-from training.data import WindowLoader, prepare_data  # noqa: E402
+from training.config import CONFIG_DIR, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
+from training.data import prepare_data  # noqa: E402
 from training.distributed import ResourceError, bundle, check_resources, cluster_nodes, in_bundle, place  # noqa: E402
 from training.learner_group import learner_bundles, start_learners  # noqa: E402
 from training.evaluate import TaskAccuracy  # noqa: E402
-from training.metrics import MetricsLogger, base_counters, read_metrics  # noqa: E402
-from training.rlp_loop import DroppedRewardsError, RLPLoop  # noqa: E402
+from training.metrics import base_counters  # noqa: E402
+from training.rlp_loop import DroppedRewardsError, run_graph  # noqa: E402
 from training.preflight import check_base, check_data_files, check_tokenizer_fits, tokenizer_beside  # noqa: E402
 from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
 from training.trainer import run_pretraining  # noqa: E402
@@ -106,26 +106,8 @@ def main(argv: list[str]) -> dict:
             groups = placement(cfg)
         base = base or pretrain_base(cfg, data, run_dir, device)
         learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir, groups)
-        if not ray.get(learner.sees.remote(str(run_dir / "config.yaml"))):
-            with config_errors_exit():
-                raise ConfigError(f"the learner runs on another node and cannot see {run_dir}: on several nodes "
-                                  "give out_dir=<a path on a filesystem every node sees>")
-        pool = RolloutPool(workers, cfg.rollout.timeout_s)
-        if cfg.sync.method == "collective":
-            pool.start_collective(learner, cfg.sync.bucket_mb)
-        loop = RLPLoop(cfg, learner, pool, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed))
-        resumed = ray.get(learner.resume.remote()) if cfg.resume else None
-        if resumed is not None:
-            loop.load_state_dict(resumed)
-            print(f"resumed {run_dir} at version {resumed['version']}")
-        logger = MetricsLogger(run_dir, config=dataclasses.asdict(cfg), wandb_mode=cfg.wandb.mode,
-                               project=cfg.wandb.project, entity=cfg.wandb.entity, run_name=cfg.run_name,
-                               resume_step=resumed["version"] if resumed else None)
-        try:
-            summary = loop.run(logger, start=resumed["version"] if resumed else 0,
-                               first_extra={"data/docs_skipped": data.docs_skipped})
-        finally:
-            logger.close()
+        with config_errors_exit():  # a learner that cannot see the run directory: one line
+            summary = run_graph(cfg, learner, workers, data, run_dir)
     finally:
         if started:
             ray.shutdown()
@@ -135,12 +117,14 @@ def main(argv: list[str]) -> dict:
     return summary
 
 
-def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, run_dir: Path, groups):
-    """The learner ranks (one LearnerGroup) and the RolloutWorker actors, all starting from `base`,
-    each on the device Ray assigned it."""
+def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, run_dir: Path, groups, task_eval=None,
+                worker=RolloutWorker, **worker_kwargs):
+    """The learner ranks (one LearnerGroup) and the rollout worker actors (`worker`, given
+    worker_kwargs besides the RolloutWorker arguments), all starting from `base`, each on the device
+    Ray assigned it. task_eval: what the learner evaluates besides bpb (default: held-out problems
+    when train.task_problems)."""
     tok = data.tokenizer
-    task_eval = None
-    if cfg.train.task_problems:
+    if task_eval is None and cfg.train.task_problems:
         task_eval = TaskAccuracy(tok, data.heldout_docs, cfg.train.task_problems, cfg.train.task_max_new_tokens,
                                  think_tokens=cfg.rlp.thought_max_tokens)
     learner_pg, worker_pg = groups
@@ -149,9 +133,10 @@ def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, ru
                              initial_counters=base_counters(base))
     # A worker whose process dies is started again by Ray (in its bundle); the pool gives it the current weights.
     r = cfg.rollout
-    workers = [ray.remote(RolloutWorker).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, max_restarts=-1,
-                                                 **in_bundle(worker_pg, i))
-               .remote(str(base), tokenizer_dir, cfg.rlp, cfg.reward, cfg.seed * 1000 + i, None, engine=r.engine)
+    workers = [ray.remote(worker).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, max_restarts=-1,
+                                          **in_bundle(worker_pg, i))
+               .remote(str(base), tokenizer_dir, cfg.rlp, cfg.reward, cfg.seed * 1000 + i, None, engine=r.engine,
+                       **worker_kwargs)
                for i in range(r.num_workers)]
     return learner, workers
 
@@ -170,9 +155,11 @@ def placement(cfg: RLPMidtrainConfig):
         raise
 
 
-if __name__ == "__main__":
+def cli(entry) -> None:
+    """entry(sys.argv[1:]), with the graph's failures (rewards dropped, workers or learner lost)
+    reported in one line and exit status 1."""
     try:
-        main(sys.argv[1:])
+        entry(sys.argv[1:])
     except (DroppedRewardsError, AllWorkersFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -180,3 +167,7 @@ if __name__ == "__main__":
         print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0]}; continue with the same command and "
               "resume=true", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    cli(main)

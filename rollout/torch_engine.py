@@ -1,5 +1,5 @@
 """The built-in rollout engine: plain torch over a Ponder model, any mode (full attention, sliding
-window, TTT-E2E with its per-sequence fast weights).
+window, TTT-E2E with its per-sequence fast weights), or over a Hugging Face causal LM (its KV cache).
 
 Every context is read ONCE: its prefill builds a DecodeState (caches, and with TTT-E2E the fast
 weights adapted to the context), which is then copied to the n rows that sample continuations.
@@ -18,12 +18,14 @@ Sampled tokens carry their log-prob under softmax(logits / temperature) before t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from models.hf import is_ponder, is_ttt
 from rollout.engine import Generation, ThoughtGroup
 
 if TYPE_CHECKING:
@@ -63,8 +65,22 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
 
+class CacheState:
+    """A Hugging Face causal LM's decoding state (its KV cache), shaped like Ponder's DecodeState
+    where the engine touches it: `expand` copies every sequence to n rows."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def expand(self, n: int) -> "CacheState":
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(n)
+        return CacheState(cache)
+
+
 class TorchEngine:
-    """The Engine for every Ponder model, run in-process with torch (CPU or one GPU)."""
+    """The Engine for every Ponder model and any Hugging Face causal LM, run in-process with torch
+    (CPU or one GPU)."""
 
     def __init__(self, model: PonderForCausalLM, device: str | torch.device = "cpu", seed: int = 0):
         self.device = torch.device(device)
@@ -82,15 +98,26 @@ class TorchEngine:
         learning from it only if the config says so."""
         if not contexts[0]:
             raise ValueError("a prompt or context needs at least one token")
-        state = self.model.new_state(len(contexts))
-        logits = self.model(self._ids(contexts), state=state).logits[:, -1]
-        if self.model.config.is_ttt:
+        if is_ponder(self.model):
+            state = self.model.new_state(len(contexts))
+        else:
+            from transformers import DynamicCache
+
+            state = CacheState(DynamicCache(config=self.model.config))
+        logits = self._forward(self._ids(contexts), state)[:, -1]
+        if is_ttt(self.model):
             state.learn = self.model.config.ttt_update_during_decode
         return state, logits
 
+    def _forward(self, ids: torch.Tensor, state) -> torch.Tensor:
+        """Read ids [B, L] on from `state` (moved on in place); the logits [B, L, V]."""
+        if isinstance(state, CacheState):
+            return self.model(input_ids=ids, past_key_values=state.cache, use_cache=True).logits
+        return self.model(ids, state=state).logits
+
     def _step(self, tokens: torch.Tensor, active: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """Feed one token per row (FILLER where the row is no longer active); the next logits [B, V]."""
-        return self.model(torch.where(active, tokens, FILLER)[:, None], state=state).logits[:, -1]
+        return self._forward(torch.where(active, tokens, FILLER)[:, None], state)[:, -1]
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
@@ -149,7 +176,7 @@ class TorchEngine:
         state, logits = self._read(contexts)
         targets = self._ids(next_tokens)
         no_thought = sampling_logprobs(logits, 1.0).gather(-1, targets[:, None])[:, 0].tolist()
-        logits = self.model(self._ids([[think_open]] * B), state=state).logits[:, -1]
+        logits = self._forward(self._ids([[think_open]] * B), state)[:, -1]
         state, logits = state.expand(n), logits.repeat_interleave(n, 0)
         targets = targets.repeat_interleave(n)  # row b*n + i: context b, thought i
 

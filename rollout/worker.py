@@ -163,33 +163,39 @@ class RolloutWorker:
 
         start = time.perf_counter()
         for i, (context, group) in enumerate(zip(contexts, groups)):
-            inp = RewardInput(
-                context_ids=context, target_ids=targets[i], target_token_texts=token_texts(self.tokenizer, targets[i]),
-                thought_ids=group.thoughts, thought_texts=self.tokenizer.batch_decode(group.thoughts),
-                logp_with_thought=group.logp_next_with_thought, logp_no_thought_ema=None if ema is None else ema[i],
-                logp_no_thought_policy=group.logp_next_no_thought,
-            )
-            why: list[str] = []
-            rewards, dropped = score_group(self.reward, inp, why)
-            out.dropped += dropped
-            out.first_drop = out.first_drop or (why[0] if why else "")
-            for thought, logprobs, r, a in zip(group.thoughts, group.thought_logprobs, rewards, group_advantages(rewards)):
-                if a is None or not math.isfinite(a):
-                    continue
-                out.samples.append(ThoughtSample(context, thought, logprobs, a, r))
-                out.rewards.append(r)
-            if len(out.examples) < EXAMPLES_PER_ROLLOUT:
-                out.examples.append(self.example(context, nexts[i], group, rewards))
-            out.positions += 1
-            out.closed += sum(not t for t in group.truncated)
-            out.thought_tokens += sum(len(th) for th in group.thoughts)
-            out.context_tokens += len(context)
+            self.add_group(out, context, targets[i], group.thoughts, group.thought_logprobs, group.truncated,
+                           logp_with_thought=group.logp_next_with_thought,
+                           logp_no_thought_ema=None if ema is None else ema[i],
+                           logp_no_thought_policy=group.logp_next_no_thought)
         out.timings["timing_s/reward"] = time.perf_counter() - start
         return out
 
-    def example(self, context: list[int], next_token: int, group, rewards: list) -> dict:
+    def add_group(self, out: Rollouts, context: list[int], target: list[int], thoughts: list[list[int]],
+                  thought_logprobs: list[list[float]], truncated: list[bool], **logps) -> None:
+        """Reward one group of thoughts at one position and add what the learner trains on to `out`:
+        every thought whose reward and advantage are finite, with the counts and an example."""
+        inp = RewardInput(context_ids=context, target_ids=target, target_token_texts=token_texts(self.tokenizer, target),
+                          thought_ids=thoughts, thought_texts=self.tokenizer.batch_decode(thoughts), **logps)
+        why: list[str] = []
+        rewards, dropped = score_group(self.reward, inp, why)
+        out.dropped += dropped
+        out.first_drop = out.first_drop or (why[0] if why else "")
+        for thought, logprobs, r, a in zip(thoughts, thought_logprobs, rewards, group_advantages(rewards)):
+            if a is None or not math.isfinite(a):
+                continue
+            out.samples.append(ThoughtSample(context, thought, logprobs, a, r))
+            out.rewards.append(r)
+        if len(out.examples) < EXAMPLES_PER_ROLLOUT:
+            out.examples.append(self.example(context, target[0], thoughts, rewards, truncated))
+        out.positions += 1
+        out.closed += sum(not t for t in truncated)
+        out.thought_tokens += sum(len(th) for th in thoughts)
+        out.context_tokens += len(context)
+
+    def example(self, context: list[int], next_token: int, thoughts: list[list[int]], rewards: list,
+                truncated: list[bool]) -> dict:
         """One thought group as text: the end of its context, the true next token, every thought
         with its reward and whether the policy closed it."""
         return {"context": self.tokenizer.decode(context[-48:]), "next_token": self.tokenizer.decode([next_token]),
                 "thoughts": [{"text": self.tokenizer.decode(t), "reward": r, "closed": not tr}
-                             for t, r, tr in zip(group.thoughts, rewards, group.truncated)]}
+                             for t, r, tr in zip(thoughts, rewards, truncated)]}

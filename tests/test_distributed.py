@@ -115,7 +115,6 @@ def test_two_ranks_step_as_one(ray_cluster, learners, tmp_path, mode):
     """One step on a global batch (next-token and RLP terms) by 2 FSDP ranks equals one plain
     learner's step on the same batch: policy and EMA. (At lr 1e-2 Adam's first step, ±lr where a
     gradient is near 0, turns float-rounding differences in the reduced gradient into ~1.6e-5.)"""
-    ray = ray_cluster
     from training.learner import Learner
 
     tiny_base(tmp_path / "base", mode)
@@ -146,7 +145,6 @@ def test_two_ranks_step_as_one(ray_cluster, learners, tmp_path, mode):
 def test_checkpoint_of_two_ranks_resumes_on_one_and_two(ray_cluster, learners, tmp_path):
     """DCP checkpoints: 2 ranks write, 1 and 2 ranks resume and take the step the writer took next;
     then 1 rank writes and 2 resume."""
-    ray = ray_cluster
     from transformers import AutoModelForCausalLM
 
     from training.checkpoint import check_model_dir
@@ -247,7 +245,6 @@ def test_pipeline_with_two_ranks_two_workers_and_collective_sync(tmp_path):
 def test_bf16_mixed_precision_keeps_fp32_master_weights(ray_cluster, learners, tmp_path):
     """dtype=bfloat16 with 2 ranks: bf16 compute (the step differs from fp32's, a little), fp32
     master weights and reduction."""
-    ray = ray_cluster
     from training.learner import Learner
 
     tiny_base(tmp_path / "base", "ttt_e2e")

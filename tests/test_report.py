@@ -102,3 +102,18 @@ def test_long_context_panel_from_measured_curves(runs):
     spans = [b - a for a, b in carried["positions"] if a >= 4]
     assert f"{sum(w * y for w, y in zip(spans, beyond)) / sum(spans):.4f}" in page
     assert carried["loss"] != curves["swa"]["loss"]  # carrying the window changes what later windows see
+
+
+def test_rpt_accuracy_panel_for_runs_that_log_it(tmp_path):
+    write_run(tmp_path / "ntp_plain", [(0, 3.0), (1000, 1.0)])
+    rpt = tmp_path / "rpt"
+    rpt.mkdir()
+    with open(rpt / "metrics.jsonl", "w") as f:
+        for step, acc in ((0, 0.1), (10, 0.25)):
+            f.write(json.dumps({"step": step, "tokens/data": 100 * step, "eval/bpb": 1.0, "eval/rpt_acc_easy": acc,
+                                "eval/rpt_n_easy": 40, "eval/rpt_acc_medium": acc / 2, "eval/rpt_n_medium": 20,
+                                "eval/rpt_acc_hard": float("nan"), "eval/rpt_n_hard": 0}) + "\n")
+    assert report.plot_rpt_accuracy(report.find_runs(tmp_path), tmp_path / "rpt.png")
+    assert not report.plot_rpt_accuracy([r for r in report.find_runs(tmp_path) if r.name == "ntp_plain"], tmp_path / "no.png")
+    page = report.main([str(tmp_path), "--wandb", "disabled"])
+    assert (page.parent / "rpt_accuracy.png").is_file() and 'alt="rpt_accuracy"' in page.read_text()

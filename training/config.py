@@ -364,6 +364,38 @@ class RLPMidtrainConfig(PretrainConfig):
             raise ConfigError(f"reward={self.reward}: {e}") from None
 
 
+@dataclass
+class RPTConfig:
+    """RPT's own settings (methods.md §2); the GRPO settings it shares with RLP live in rlp.*."""
+
+    # A saved causal LM (save_pretrained) whose next-token entropy picks the positions; its
+    # vocabulary must be the policy's. Empty: the base itself.
+    proxy: str = ""
+    # A position t is kept when the proxy's entropy over its entropy_top_k most likely next tokens
+    # (renormalised over them) is above this many nats.
+    entropy_threshold: float = non_negative(0.5)
+    entropy_top_k: int = _field(16, "must be >= 2", lambda v: v >= 2)
+    # A response (a thought, </think>, then \\boxed{prediction}) ends at the eos token or here.
+    response_max_tokens: int = positive(48)
+    eval_positions: int = non_negative(64)  # held-out positions (proxy entropy > 0.5) per evaluation; 0: off
+
+
+@dataclass
+class RPTTrainConfig(RLPMidtrainConfig):
+    """RPT on RLP's Ray graph: the same rollout pool, learner group and weight sync; positions by
+    the proxy's entropy, responses rewarded by prefix match, no next-token loss, no KL."""
+
+    run_name: str = "rpt_train"
+    reward: str = "rpt_prefix_match"
+    rpt: RPTConfig = field(default_factory=RPTConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.base:
+            raise ConfigError("base is empty: give base=<a save_pretrained causal LM dir> (a Ponder model, e.g. "
+                              "runs/rlp_midtrain/base/model, or a Hugging Face one) for RPT to train")
+
+
 METHODS = ("ntp_plain", "ntp_ttt", "tpt", "ttt_warm", "cpt", "rlp", "rlp_plain")
 
 

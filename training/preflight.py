@@ -113,3 +113,25 @@ def check_tokenizer_fits(base: Path, tokenizer, think_tokens: bool = True) -> No
     if missing or tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer {tokenizer.name_or_path} lacks {missing or ['an eos token']}: RLP needs "
                           "<think>, </think> and an eos token (train one with training/tokenizer.py)")
+
+
+def check_proxy_vocab(proxy: Path, base: Path, tokenizer_dir: str | Path | None) -> None:
+    """RPT's proxy scores the policy's token ids: it must share the policy's vocabulary (its
+    vocab_size, and the tokenizer saved beside it, when there is one, must be the policy's at
+    `tokenizer_dir`, when that is known)."""
+    try:
+        check_model_dir(proxy)
+    except ValueError as e:
+        raise ConfigError(f"rpt.proxy={proxy} is not a loadable model directory: {e}") from None
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    proxy_size, base_size = AutoConfig.from_pretrained(proxy).vocab_size, AutoConfig.from_pretrained(base).vocab_size
+    beside = tokenizer_beside(proxy)
+    theirs = PreTrainedTokenizerFast.from_pretrained(beside) if beside is not None else None
+    ours = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir) if tokenizer_dir else None
+    if proxy_size != base_size or (theirs is not None and ours is not None and theirs.get_vocab() != ours.get_vocab()):
+        proxy_tok = f"tokenizer {beside}, {len(theirs)} tokens" if theirs is not None else "no tokenizer beside it"
+        base_tok = f"tokenizer {tokenizer_dir}, {len(ours)} tokens" if ours is not None else "its tokenizer not yet made"
+        raise ConfigError(f"rpt.proxy={proxy} (vocab_size {proxy_size}, {proxy_tok}) does not share the vocabulary of "
+                          f"base={base} (vocab_size {base_size}, {base_tok}): give a proxy trained with the policy's "
+                          "tokenizer")

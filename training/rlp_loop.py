@@ -16,6 +16,7 @@ collected into it, with every generator, so a resumed run takes the steps an unk
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,11 +25,14 @@ from tqdm.auto import tqdm
 
 from rollout.pool import Pending, RolloutPool
 from training.checkpoint import rng_state, set_rng_state
+from training.config import ConfigError
 from training.data import WindowLoader
 from training.metrics import MetricsLogger
 from training.trainer import timed
 
 CLOSED_FRAC_WARNING = 0.5  # below this share of self-closed thoughts at the first step, the base cannot think
+CANNOT_THINK = ("the base cannot think, and RLP's information gain will be strongly negative. Start from a base trained "
+                "on thoughts (leave base= empty, pretrain.augment=think) or raise rlp.thought_max_tokens.")
 
 
 class DroppedRewardsError(RuntimeError):
@@ -36,8 +40,9 @@ class DroppedRewardsError(RuntimeError):
 
 
 class RLPLoop:
-    def __init__(self, cfg, learner, pool: RolloutPool, loader: WindowLoader):
+    def __init__(self, cfg, learner, pool: RolloutPool, loader: WindowLoader, cannot_think: str = CANNOT_THINK):
         self.cfg, self.learner, self.pool, self.loader = cfg, learner, pool, loader
+        self.cannot_think = cannot_think  # what the first step's warning says when few thoughts close
         self.dropped_streak, self.first_drop = 0, ""  # consecutive steps over rlp.max_dropped_frac
         self.ahead = None  # (windows, Pending | list[Rollouts] | None): the next step's rollouts
 
@@ -106,7 +111,8 @@ class RLPLoop:
             metrics.update(self.pool.counters())
             thought_tokens = sum(r.thought_tokens for r in rollouts)
             metrics["perf/rollout_tokens_per_s"] = thought_tokens / timings["timing_s/rollout"]
-            log_thoughts(logger.path.parent, step, rollouts, metrics, first_step=step == start + 1)
+            log_thoughts(logger.path.parent, step, rollouts, metrics, first_step=step == start + 1,
+                         cannot_think=self.cannot_think)
             if rollouts:
                 gains.append(metrics["rlp/reward_mean"])
                 closed.append(metrics["rlp/closed_frac"])
@@ -135,7 +141,34 @@ class RLPLoop:
         return summary
 
 
-def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_step: bool) -> None:
+def run_graph(cfg, learner, workers: list, data, run_dir: Path, cannot_think: str = CANNOT_THINK) -> dict:
+    """Drive a built graph (a learner group and its rollout workers) through cfg.train.steps: the
+    pool, the weight sync, the loop over the train windows, resumed at the last checkpoint when
+    cfg.resume, metrics into run_dir. Returns the loop's summary."""
+    if not ray.get(learner.sees.remote(str(run_dir / "config.yaml"))):
+        raise ConfigError(f"the learner runs on another node and cannot see {run_dir}: on several nodes "
+                          "give out_dir=<a path on a filesystem every node sees>")
+    pool = RolloutPool(workers, cfg.rollout.timeout_s)
+    if cfg.sync.method == "collective":
+        pool.start_collective(learner, cfg.sync.bucket_mb)
+    loop = RLPLoop(cfg, learner, pool, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed),
+                   cannot_think)
+    resumed = ray.get(learner.resume.remote()) if cfg.resume else None
+    if resumed is not None:
+        loop.load_state_dict(resumed)
+        print(f"resumed {run_dir} at version {resumed['version']}")
+    logger = MetricsLogger(run_dir, config=dataclasses.asdict(cfg), wandb_mode=cfg.wandb.mode,
+                           project=cfg.wandb.project, entity=cfg.wandb.entity, run_name=cfg.run_name,
+                           resume_step=resumed["version"] if resumed else None)
+    try:
+        return loop.run(logger, start=resumed["version"] if resumed else 0,
+                        first_extra={"data/docs_skipped": data.docs_skipped})
+    finally:
+        logger.close()
+
+
+def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_step: bool,
+                 cannot_think: str = CANNOT_THINK) -> None:
     """Append the step's example thoughts to thoughts.jsonl (the report's table), and warn loudly
     when the base cannot think: RLP's reward needs thoughts the policy closes itself."""
     examples = [e for r in rollouts for e in r.examples]
@@ -144,5 +177,4 @@ def log_thoughts(run_dir: Path, step: int, rollouts: list, metrics: dict, first_
             f.write(json.dumps({"step": step, "examples": examples}) + "\n")
     if first_step and metrics.get("rlp/closed_frac", 1.0) < CLOSED_FRAC_WARNING:
         tqdm.write(f"WARNING: the policy closed only {metrics['rlp/closed_frac']:.0%} of its thoughts at the first step: "
-                   "the base cannot think, and RLP's information gain will be strongly negative. Start from a base "
-                   "trained on thoughts (leave base= empty, pretrain.augment=think) or raise rlp.thought_max_tokens.")
+                   + cannot_think)

@@ -47,7 +47,8 @@ def warmup_cosine(step: int, *, lr: float, end_lr: float, warmup_steps: int, tot
 
 def inner_loss_first_last(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> dict[str, float]:
     """Masked mean loss of the first chunk (predicted by W_0) and of the last full one (by the
-    most adapted fast weights): their gap is what the inner loop gains within a window."""
+    most adapted fast weights): their gap is what the inner loop gains within a window (carrying
+    state: within the step's K windows, whose first chunk starts from W_0 only at a stream's start)."""
     with torch.no_grad():
         tok = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                               reduction="none").view(targets.shape)

@@ -35,7 +35,7 @@ from kernels import fast_swiglu, sliding_window_attention, swiglu, twice_differe
 from models.config import PonderConfig
 from models.memory import inner_update
 from models.state import DecodeState
-from models.ttt import chunk_mean_loss, ttt_forward, upcast
+from models.ttt import chunk_mean_loss, initial_fast_weights, ttt_forward, upcast
 
 
 class RMSNorm(nn.Module):
@@ -236,13 +236,16 @@ class PonderForCausalLM(PonderPreTrainedModel):
                 state.kv[layer] = kv
         return h
 
-    def new_state(self, batch_size: int) -> DecodeState:
-        """An empty per-sequence decoding state: caches, and W_0 as every sequence's fast weights."""
+    def new_state(self, batch_size: int, differentiable: bool = False) -> DecodeState:
+        """An empty per-sequence decoding state: caches, and W_0 as every sequence's fast weights.
+        differentiable: for training through the state, W_0 still attached to its parameters."""
         fast = None
-        if self.config.is_ttt:
+        if self.config.is_ttt and differentiable:
+            fast = initial_fast_weights(self, batch_size)
+        elif self.config.is_ttt:
             fast = [[w.detach().unsqueeze(0).expand(batch_size, *w.shape).clone() for w in b.fast_weights()]
                     for b in self.blocks[self.n_prefix:]]
-        return DecodeState(kv=[None] * self.config.num_hidden_layers, fast=fast)
+        return DecodeState(kv=[None] * self.config.num_hidden_layers, fast=fast, differentiable=differentiable)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 state: DecodeState | None = None, **_) -> CausalLMOutput:
@@ -253,12 +256,14 @@ class PonderForCausalLM(PonderPreTrainedModel):
             logits = self.lm_head(self.run_blocks(self.blocks, self.embed(input_ids), start, state))
             if state is not None:
                 state.advance(input_ids, self.config.attention_window)
-        loss = None
-        if targets is not None and self.config.loss_average == "chunk":
-            loss = chunk_mean_loss(logits, targets, self.config.mini_batch_size, start)
-        elif targets is not None:
-            loss = F.cross_entropy(upcast(logits.flatten(0, 1)), targets.flatten(), ignore_index=-100)
+        loss = None if targets is None else self.outer_loss(logits, targets, start)
         return CausalLMOutput(loss=loss, logits=logits)
+
+    def outer_loss(self, logits: torch.Tensor, targets: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The training loss of logits at positions start.. (config.loss_average: per chunk or per token)."""
+        if self.config.loss_average == "chunk":
+            return chunk_mean_loss(logits, targets, self.config.mini_batch_size, start)
+        return F.cross_entropy(upcast(logits.flatten(0, 1)), targets.flatten(), ignore_index=-100)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward and backward): 6 per weight of every matmul, the tied

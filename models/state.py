@@ -9,10 +9,15 @@ one read, filled in when it arrives). The suffix layers keep their keys for that
 update can recompute the chunk exactly as it was first computed. With continuum memory, `fast` holds
 every level's weights (per suffix layer: w1, w2, w3 of the fastest level, then of the next, ...)
 and `memory` what the slower levels gathered towards their next update (models/memory.py).
+
+A `differentiable` state (training through the carried state, training/carry.py) keeps the graph
+that made it: a loss computed after it differentiates back through every window it carried, until
+`detached()` cuts it there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +35,7 @@ class DecodeState:
     chunk_start: int = 0  # position of the pending chunk's first token
     pending_h: torch.Tensor | None = None  # [B, n, d]
     pending_targets: torch.Tensor | None = None  # [B, n]
+    differentiable: bool = False  # True: the outer gradient flows through the state (training)
 
     @property
     def pending_len(self) -> int:
@@ -68,6 +74,27 @@ class DecodeState:
             pos=self.pos, learn=self.learn, chunk_start=self.chunk_start,
             pending_h=rep(self.pending_h), pending_targets=rep(self.pending_targets),
         )
+
+    def detached(self) -> DecodeState:
+        """The same state cut from the graph that made it: what is computed from it later reaches the
+        parameters only through its own graph (truncated backprop). A differentiable state's fast
+        weights become leaves that track gradients, since the inner loop differentiates by them."""
+        cut = torch.Tensor.detach
+        return DecodeState(
+            kv=[None if kv is None else (cut(kv[0]), cut(kv[1])) for kv in self.kv],
+            fast=_map_tensors(lambda w: w.detach().requires_grad_(self.differentiable), self.fast),
+            memory=_map_tensors(cut, self.memory), pos=self.pos, learn=self.learn, chunk_start=self.chunk_start,
+            pending_h=_map_tensors(cut, self.pending_h), pending_targets=self.pending_targets,
+            differentiable=self.differentiable,
+        )
+
+    def to_dict(self) -> dict:
+        """Plain lists, numbers and detached tensors, for a checkpoint; from_dict reverses it."""
+        return dataclasses.asdict(self.detached())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DecodeState:
+        return cls(**{**d, "kv": [None if kv is None else tuple(kv) for kv in d["kv"]]}).detached()
 
 
 def _map_tensors(fn, x):

@@ -13,7 +13,8 @@ layers, separately for every sequence. With `ttt_grad="second_order"` the outer 
 through every update (gradients of gradients) to W_0 and to the slow weights; "first_order"
 treats each inner gradient as a constant.
 
-Training calls this without a state (fast weights start at W_0, with their graph). Decoding passes
+Training calls this without a state (fast weights start at W_0, with their graph), or with a
+differentiable one carried from earlier windows (training/carry.py). Decoding passes
 a DecodeState and feeds any number of tokens at a time: a chunk that fills is learned from as
 soon as its last target (the next token) arrives, recomputing the chunk if its graph is gone, so
 step-by-step decoding gives the logits of one forward over the whole sequence.
@@ -143,7 +144,8 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
     cfg = model.config
     B, T = input_ids.shape
     b, P, L, window = cfg.mini_batch_size, model.n_prefix, cfg.num_hidden_layers, cfg.sliding_window
-    outer_grad = torch.is_grad_enabled() and state is None  # training: keep the graph to the slow weights
+    # training (no state, or a differentiable one): keep the graph to the slow weights
+    outer_grad = torch.is_grad_enabled() and (state is None or state.differentiable)
     second_order = outer_grad and cfg.ttt_grad == "second_order"
     continued = state is not None  # will the caller read on from where this call stops?
     if state is None:

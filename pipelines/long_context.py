@@ -4,6 +4,8 @@ eval_windows_of_context sliding windows with and without state carried across wi
 
     python pipelines/long_context.py                              # four small CPU runs
     python pipelines/long_context.py arms=[ttt_e2e,cms] cms_chunk_sizes=[16,64] reuse=true
+    python pipelines/long_context.py arms=[ttt_e2e] ttt.carry_state=true ttt.carry_backprop_windows=2 \
+        out_dir=runs/long_context_k2                              # trained through the carried state
     python pipelines/report.py runs/long_context                  # the long-context panel
 
 Outputs in <out_dir>/: one run per arm (<arm>/), corpus/, tokenizer/ and long_context.json.

@@ -117,3 +117,15 @@ def test_nan_loss_skips_the_step(tmp_path, cache, monkeypatch):
     records = read_metrics(tmp_path / "nan" / "metrics.jsonl")
     assert records[-1]["step"] == 5 and records[-1]["train/skipped_steps"] == 1
     assert summary["tokens/data"] == 6 * 8 * 64  # the skipped batch was still read
+
+
+def test_training_through_the_carried_state_reads_k_windows_a_step_and_checkpoints_the_state(tmp_path, cache):
+    summary = pretrain.main(small_run(
+        tmp_path, cache, "run_name=carry", "model.mode=ttt_e2e", "model.mini_batch_size=16", "model.sliding_window=16",
+        "ttt.carry_state=true", "ttt.carry_backprop_windows=2", "ttt.carry_stream_windows=4", "train.data_tokens=8192",
+        "train.eval_every=4", "train.log_every=1", "optim.warmup_steps=2"))
+    records = read_metrics(tmp_path / "carry" / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 9))  # 8192 tokens, 8 rows x 2 windows a step
+    assert summary["tokens/data"] == 8192 and all(r["train/loss"] > 0 for r in records if "train/loss" in r)
+    state = torch.load(tmp_path / "carry" / "checkpoints" / "step_00000008" / "state.pt", weights_only=False)
+    assert state["carried"]["pos"] == 4 * 64  # the end of the rows' streams of 4 windows

@@ -143,6 +143,14 @@ class TTTConfig:
     # attention cache and every level's fast weights from one window to the next (full, swa and
     # ttt_e2e alike; training/long_context.py).
     carry_state: bool = False
+    # Training through the carried state (needs carry_state; model.mode ttt_e2e or swa): K > 0 makes
+    # every batch row read a stream of carry_stream_windows consecutive windows, K windows per
+    # optimiser step, carrying its state (attention cache, every level's fast weights and sums)
+    # from window to window and step to step. A step backpropagates through its K windows; the
+    # state carried into it counts as fixed (truncated backprop through time), and each stream
+    # starts afresh from W_0. 0: independent windows (training/carry.py).
+    carry_backprop_windows: int = non_negative(0)
+    carry_stream_windows: int = positive(8)  # a multiple of carry_backprop_windows
 
 
 # Short documents whose answer is hard to predict without working it out. gsm_symbolic (GSM8K
@@ -247,6 +255,22 @@ class PretrainConfig:
             )
         if self.optim.end_lr > self.optim.lr:
             raise ConfigError(f"optim.end_lr={self.optim.end_lr} must be <= optim.lr={self.optim.lr}")
+        check_carry_backprop(self.ttt, None if self.base else self.model.mode)
+
+
+def check_carry_backprop(ttt: TTTConfig, mode: str | None) -> None:
+    """ttt.carry_backprop_windows needs a state that is carried and bounded (mode None: not known yet)."""
+    k = ttt.carry_backprop_windows
+    if not k:
+        return
+    if not ttt.carry_state:
+        raise ConfigError(f"ttt.carry_backprop_windows={k} needs ttt.carry_state=true")
+    if mode is not None and mode not in ("ttt_e2e", "swa"):
+        raise ConfigError(f"ttt.carry_backprop_windows={k} needs model.mode=ttt_e2e or swa (got {mode}: full "
+                          "attention's cache would grow without bound across windows)")
+    if ttt.carry_stream_windows % k:
+        raise ConfigError(f"ttt.carry_stream_windows={ttt.carry_stream_windows} must be a multiple of "
+                          f"ttt.carry_backprop_windows={k}")
 
 
 @dataclass

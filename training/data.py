@@ -257,44 +257,61 @@ class WindowLoader:
 
     Epoch e's order is a permutation drawn from a generator seeded by (seed, e), so the batch
     stream is a pure function of (seed, epoch, cursor). The last partial batch is dropped.
+
+    With stream_windows=S the units shuffled are streams of S consecutive windows of the packed
+    corpus instead (training through the carried state, training/carry.py): each batch row reads
+    one stream, windows_per_step=K windows at a time ([B, K, T+1] batches), for S/K batches in a
+    row, then the rows take the next B streams; `starts_streams` tells whether the last batch
+    began new streams.
     """
 
     def __init__(self, windows: torch.Tensor, batch_size: int, seed: int, shuffle: bool = True,
-                 thought_mask: torch.Tensor | None = None):
-        if batch_size <= 0 or batch_size > len(windows):
-            raise ValueError(
-                f"batch_size={batch_size} must be between 1 and the number of windows ({len(windows)})"
-            )
+                 thought_mask: torch.Tensor | None = None, stream_windows: int = 0, windows_per_step: int = 1):
+        if stream_windows and (windows_per_step <= 0 or stream_windows % windows_per_step):
+            raise ValueError(f"stream_windows={stream_windows} must be a multiple of windows_per_step={windows_per_step}")
+        self.stream_windows = stream_windows
+        self.unit = stream_windows or 1  # windows per shuffled unit
+        self.windows_per_step = windows_per_step if stream_windows else 1
+        n_units = len(windows) // self.unit
+        if batch_size <= 0 or batch_size > n_units:
+            what = f"streams of {stream_windows} windows" if stream_windows else "windows"
+            raise ValueError(f"batch_size={batch_size} must be between 1 and the number of {what} ({n_units})")
         self.windows = windows
         self.thought_mask = thought_mask  # aligned with windows: thinking tokens (TPT)
         self.last_thought_tokens = 0  # thinking tokens among the targets of the last batch
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
-        self.batches_per_epoch = len(windows) // batch_size
+        self.n_units = n_units
+        self.steps_per_unit = self.unit // self.windows_per_step
+        self.batches_per_epoch = n_units // batch_size * self.steps_per_unit
         self.seq_len = windows.shape[1] - 1
-        self.tokens_per_batch = batch_size * self.seq_len  # data tokens trained on
+        self.tokens_per_batch = batch_size * self.windows_per_step * self.seq_len  # data tokens trained on
         self.epoch = 0
         self.cursor = 0  # batches already served in this epoch
+        self.starts_streams = True
         self._order: torch.Tensor | None = None
 
     def _epoch_order(self) -> torch.Tensor:
         if self._order is None:
             if self.shuffle:
                 g = torch.Generator().manual_seed(stable_seed(self.seed, self.epoch))
-                self._order = torch.randperm(len(self.windows), generator=g)
+                self._order = torch.randperm(self.n_units, generator=g)
             else:
-                self._order = torch.arange(len(self.windows))
+                self._order = torch.arange(self.n_units)
         return self._order
 
     def next_batch(self) -> torch.Tensor:
         if self.cursor == self.batches_per_epoch:
             self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-        start = self.cursor * self.batch_size
-        idx = self._epoch_order()[start : start + self.batch_size]
+        group, step = divmod(self.cursor, self.steps_per_unit)
+        idx = self._epoch_order()[group * self.batch_size : (group + 1) * self.batch_size]
+        self.starts_streams = step == 0
         self.cursor += 1
+        if self.stream_windows:  # [B, K]: the next K windows of every row's stream
+            idx = idx[:, None] * self.unit + step * self.windows_per_step + torch.arange(self.windows_per_step)
         if self.thought_mask is not None:
-            self.last_thought_tokens = int(self.thought_mask[idx, 1:].sum())
+            self.last_thought_tokens = int(self.thought_mask[idx][..., 1:].sum())
         return self.windows[idx]
 
     def __iter__(self):

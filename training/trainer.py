@@ -1,6 +1,9 @@
 """The pretraining Trainer: `train_step` on one batch of token windows, periodic held-out
 evaluation, atomic checkpoints and resume, metrics to metrics.jsonl and wandb.
 
+With ttt.carry_backprop_windows = K every batch row is K consecutive windows of a stream whose
+state the trainer carries from step to step (training/carry.py, truncated backprop through time).
+
 Each step of `fit` is a flat sequence of named, timed phases (train, eval, save) whose seconds
 are logged as timing_s/<phase>.
 """
@@ -18,7 +21,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from training.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, save_model, set_rng_state
-from training.config import OptimConfig, PretrainConfig
+from training.carry import CarriedState
+from training.config import ConfigError, OptimConfig, PretrainConfig, check_carry_backprop
 from training.data import PreparedData, WindowLoader, split_window
 from training.evaluate import TaskAccuracy, heldout_bpb
 from training.metrics import MetricsLogger, base_counters
@@ -43,7 +47,8 @@ def warmup_cosine(step: int, *, lr: float, end_lr: float, warmup_steps: int, tot
 
 def inner_loss_first_last(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> dict[str, float]:
     """Masked mean loss of the first chunk (predicted by W_0) and of the last full one (by the
-    most adapted fast weights): their gap is what the inner loop gains within a window."""
+    most adapted fast weights): their gap is what the inner loop gains within a window (carrying
+    state: within the step's K windows, whose first chunk starts from W_0 only at a stream's start)."""
     with torch.no_grad():
         tok = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                               reduction="none").view(targets.shape)
@@ -89,6 +94,7 @@ class Trainer:
         self.boundary_id = model.config.eos_token_id if cfg.data.mask_boundary_targets else None
         if self.is_ttt:
             self.model.inner_lr = self.inner_lr_at(0)
+        self.carried = CarriedState(self.model, self.boundary_id) if cfg.ttt.carry_backprop_windows else None
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
     # ---------------------------------------------------------------------------------- steps
@@ -102,9 +108,10 @@ class Trainer:
         warmup = max(1, round(t.inner_lr_warmup * self.cfg.train.steps))
         return t.inner_lr_init + (t.inner_lr - t.inner_lr_init) * min(1.0, (step + 1) / warmup)
 
-    def train_step(self, batch: torch.Tensor, thought_tokens: int = 0) -> dict[str, float]:
+    def train_step(self, batch: torch.Tensor, thought_tokens: int = 0, new_streams: bool = True) -> dict[str, float]:
         """One optimiser step on a [B, T+1] batch of windows, `thought_tokens` of whose targets
-        are appended thinking (TPT). A non-finite loss skips the step."""
+        are appended thinking (TPT). A non-finite loss skips the step. Carrying state: a [B, K, T+1]
+        batch, the next K windows of every row's stream (new_streams: the first of new streams)."""
         batch = batch.to(self.device, non_blocking=True)
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -112,13 +119,11 @@ class Trainer:
         extra = {}
         if self.is_ttt:
             self.model.inner_lr = extra["ttt/ilr"] = self.inner_lr_at(self.step)
-        inputs, targets = split_window(batch, self.boundary_id)
         with self.autocast:
-            out = self.model(inputs, targets=targets)
-        loss = out.loss
+            loss, logits, targets = self.forward(batch, new_streams)
         if self.is_ttt:
-            extra.update(inner_loss_first_last(out.logits.detach(), targets, self.model.config.mini_batch_size))
-        self.tokens_data += batch[:, 1:].numel() - thought_tokens
+            extra.update(inner_loss_first_last(logits.detach(), targets, self.model.config.mini_batch_size))
+        self.tokens_data += batch[..., 1:].numel() - thought_tokens
         self.tokens_thought += thought_tokens
         if not torch.isfinite(loss):
             self.skipped_steps += 1
@@ -127,6 +132,8 @@ class Trainer:
                 raise FloatingPointError(f"loss was not finite for {self.consecutive_skips} steps in a row at step {self.step}; "
                                          "lower optim.lr or check the data")
             self.optimizer.zero_grad(set_to_none=True)
+            if self.carried is not None:  # the state is likely no better: the rows read on from a fresh one
+                self.carried.reset()
             return {"train/loss": float("nan"), "train/skipped_steps": self.skipped_steps, "skipped": True}
         loss.backward()
         if self.step < self.cfg.ttt.freeze_slow_steps:  # AdamW leaves a parameter without a gradient alone
@@ -135,10 +142,22 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.carried is not None:
+            self.carried.truncate()
         self.step += 1
         self.consecutive_skips = 0
         return {"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/lr": lr,
                 "train/skipped_steps": self.skipped_steps, **extra}
+
+    def forward(self, batch: torch.Tensor, new_streams: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training loss of a batch, its logits and targets."""
+        if self.carried is not None:
+            if new_streams:
+                self.carried.reset()
+            return self.carried.loss(batch)
+        inputs, targets = split_window(batch, self.boundary_id)
+        out = self.model(inputs, targets=targets)
+        return out.loss, out.logits, targets
 
     def evaluate(self) -> dict[str, float]:
         with self.autocast:
@@ -155,6 +174,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "loader": self.loader.state_dict(), "rng": rng_state(),
+            "carried": self.carried.state_dict() if self.carried is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -162,6 +182,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
+        if self.carried is not None:
+            self.carried.load_state_dict(state.get("carried"), self.device)
         self.step, self.tokens_data, self.skipped_steps = state["step"], state["tokens_data"], state["skipped_steps"]
         self.tokens_thought, self.consecutive_skips = state["tokens_thought"], state.get("consecutive_skips", 0)
 
@@ -196,7 +218,7 @@ class Trainer:
             timings: dict[str, float] = {}
             with timed(timings, "train"):
                 batch = self.loader.next_batch()
-                metrics = self.train_step(batch, self.loader.last_thought_tokens)
+                metrics = self.train_step(batch, self.loader.last_thought_tokens, self.loader.starts_streams)
             if metrics.pop("skipped", False):
                 tqdm.write(f"step {self.step}: loss not finite, step skipped ({self.skipped_steps} so far)")
                 continue
@@ -223,11 +245,17 @@ def run_pretraining(cfg: PretrainConfig, data: PreparedData, run_dir: Path, devi
     if cfg.train.data_tokens:
         cfg = with_data_token_budget(cfg, data)
     model = load_base(cfg.base, cfg.ttt) if cfg.base else build_model(cfg.model, data.tokenizer, cfg.ttt)
+    check_carry_backprop(cfg.ttt, model.config.mode)
     name = f"base {cfg.base}" if cfg.base else cfg.model.name
     print(f"model: {name} ({model.config.mode}), {model.num_params() / 1e6:.2f}M parameters; "
           f"data: {len(data.train_windows)} train / {len(data.heldout_windows)} held-out windows of "
           f"{cfg.data.seq_len} tokens; device: {device}")
-    loader = WindowLoader(data.train_windows, cfg.train.batch_size, cfg.seed, thought_mask=data.train_thought_mask)
+    carry = cfg.ttt.carry_backprop_windows
+    try:
+        loader = WindowLoader(data.train_windows, cfg.train.batch_size, cfg.seed, thought_mask=data.train_thought_mask,
+                              stream_windows=cfg.ttt.carry_stream_windows if carry else 0, windows_per_step=carry or 1)
+    except ValueError as e:
+        raise ConfigError(f"train.batch_size: {e}; lower it (or ttt.carry_stream_windows) or give more data") from None
     task_eval = None
     if cfg.train.task_problems:
         task_eval = TaskAccuracy(data.tokenizer, data.heldout_docs, cfg.train.task_problems, cfg.train.task_max_new_tokens,
@@ -250,7 +278,7 @@ def with_data_token_budget(cfg: PretrainConfig, data: PreparedData) -> PretrainC
     """cfg with train.steps set so the run consumes train.data_tokens corpus tokens (a TPT
     window holds fewer of them: its appended thinking is counted apart)."""
     thought_frac = 0.0 if data.train_thought_mask is None else data.train_thought_mask[:, 1:].float().mean().item()
-    per_step = cfg.train.batch_size * cfg.data.seq_len * (1 - thought_frac)
+    per_step = cfg.train.batch_size * max(1, cfg.ttt.carry_backprop_windows) * cfg.data.seq_len * (1 - thought_frac)
     steps = max(1, math.ceil(cfg.train.data_tokens / per_step))
     optim = dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps))
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps), optim=optim)

@@ -122,31 +122,42 @@ class TorchEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, stop: Sequence[int] = ()) -> list[list[Generation]]:
-        stop_ids = torch.tensor(list(stop), dtype=torch.long, device=self.device)
-        results = []
-        for prompt in prompts:
-            state, logits = self._read([prompt])
-            state, logits = state.expand(n), logits.expand(n, -1)
-            tokens, logprobs = [], []
-            running = torch.ones(n, dtype=torch.bool, device=self.device)
-            length = torch.full((n,), max_new_tokens, device=self.device)
-            for step in range(max_new_tokens):
-                token, logprob = sample_next(logits, temperature, top_p, self.generator)
-                tokens.append(token)
-                logprobs.append(logprob)
-                stopped = running & torch.isin(token, stop_ids)
-                length[stopped] = step + 1
-                running &= ~stopped
-                if step == max_new_tokens - 1 or not running.any():
-                    break
-                logits = self._step(token, running, state)
-            ids = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(n)]
-            lps = torch.stack(logprobs, 1).tolist() if tokens else [[] for _ in range(n)]
-            results.append([
-                Generation(ids=ids[r][:k], logprobs=lps[r][:k], finish_reason="length" if still else "stop")
-                for r, (k, still) in enumerate(zip(length.tolist(), running.tolist()))
-            ])
+        """n samples per prompt, until a stop token (kept) or max_new_tokens. Prompts of one length
+        go through together: one prefill of B prompts, one decode batch of B·n rows."""
+        results: list[list[Generation] | None] = [None] * len(prompts)
+        by_length: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_length.setdefault(len(prompt), []).append(i)
+        for rows in by_length.values():
+            for i, generations in zip(rows, self._generate_batch([prompts[i] for i in rows], n, max_new_tokens,
+                                                                 temperature, top_p, stop)):
+                results[i] = generations
         return results
+
+    def _generate_batch(self, prompts, n, max_new_tokens, temperature, top_p, stop) -> list[list[Generation]]:
+        """generate() for prompts of one length; row b*n + i is prompt b's sample i."""
+        stop_ids = torch.tensor(list(stop), dtype=torch.long, device=self.device)
+        state, logits = self._read(prompts)
+        state, logits = state.expand(n), logits.repeat_interleave(n, 0)
+        rows = len(prompts) * n
+        tokens, logprobs = [], []
+        running = torch.ones(rows, dtype=torch.bool, device=self.device)
+        length = torch.full((rows,), max_new_tokens, device=self.device)
+        for step in range(max_new_tokens):
+            token, logprob = sample_next(logits, temperature, top_p, self.generator)
+            tokens.append(token)
+            logprobs.append(logprob)
+            stopped = running & torch.isin(token, stop_ids)
+            length[stopped] = step + 1
+            running &= ~stopped
+            if step == max_new_tokens - 1 or not running.any():
+                break
+            logits = self._step(token, running, state)
+        ids = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(rows)]
+        lps = torch.stack(logprobs, 1).tolist() if tokens else [[] for _ in range(rows)]
+        out = [Generation(ids=ids[r][:k], logprobs=lps[r][:k], finish_reason="length" if still else "stop")
+               for r, (k, still) in enumerate(zip(length.tolist(), running.tolist()))]
+        return [out[b * n : b * n + n] for b in range(len(prompts))]
 
     @torch.no_grad()
     def think(self, contexts: list[list[int]], next_tokens: list[int], n: int, max_new_tokens: int,

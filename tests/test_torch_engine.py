@@ -204,10 +204,10 @@ def test_sampling_is_reproducible_given_the_seed():
 def test_generate(mode):
     model = tiny(mode)
     engine = TorchEngine(model, seed=0)
-    prompts = [random_ids(3, 8), random_ids(10, 9)]
+    prompts = [random_ids(10, 9), random_ids(3, 8), random_ids(10, 13)]  # two of one length: one batch
     stop = list(range(0, V, 7))  # frequent enough that some rows stop and others run on
     out = engine.generate(prompts, n=5, max_new_tokens=6, temperature=1.0, stop=stop)
-    assert len(out) == 2 and all(len(gens) == 5 for gens in out)
+    assert len(out) == 3 and all(len(gens) == 5 for gens in out)
     reasons = set()
     for prompt, gens in zip(prompts, out):
         for gen in gens:
@@ -222,6 +222,8 @@ def test_generate(mode):
                                                                   torch.tensor(gen.ids)])
     assert reasons == {"stop", "length"}
     # Greedy with the greedy token as the stop: every generation is that token, finished by "stop".
+    greedy = engine.generate(prompts, n=1, max_new_tokens=6, temperature=0.0)
+    assert [g[0].ids for g in greedy] == [engine.generate([p], 1, 6, 0.0)[0][0].ids for p in prompts]
     first = logprobs_of(model, prompts[0])[-1].argmax().item()
     (gens,) = engine.generate(prompts[:1], n=2, max_new_tokens=6, temperature=0.0, stop=[first])
     assert [(g.ids, g.finish_reason) for g in gens] == [([first], "stop")] * 2

@@ -1,6 +1,8 @@
-"""The vLLM rollout engine, for the Hugging Face architectures vLLM serves (Llama, Qwen3, ...).
-Ponder's own backbone (model_type "ponder": its TTT-E2E fast weights, its SWA) runs on the torch
-engine only; asking for this engine with one fails at start, naming rollout.engine=torch.
+"""The vLLM rollout engine, for the Hugging Face architectures vLLM serves (Llama, Qwen3, ...) and
+Ponder's own models through rollout/vllm_plugin (full attention, sliding window, TTT-E2E with
+every sequence's fast weights learning inside vLLM). What the plugin cannot serve (a head size
+under 32 on a CPU, TTT-E2E with several suffix blocks or with ttt_update_during_decode=false)
+fails at start, naming the reason and rollout.engine=torch.
 
     engine = VLLMEngine("runs/x/base", seed=0, dtype="float32")
     groups = engine.think(contexts, next_tokens, n=16, max_new_tokens=256, temperature=0.7,
@@ -24,10 +26,11 @@ Log-probs follow the Engine contract (rollout/engine.py) exactly:
   it was sampled, are not computed again.
 
 Weights: `load_weights` sends the learner's state dict (Hugging Face names, as safetensors
-bytes) to every vLLM worker through `collective_rpc`; each reloads it in place with vLLM's own
-`reload_weights` (the model's `load_weights` fuses q/k/v and gate/up into vLLM's layout, and the
-layerwise reload repacks them for the kernels, as vLLM's CPU backend needs). Then the prefix
-cache is dropped: its keys and values came from the old weights. No restart, no disk.
+bytes) to every vLLM worker through `collective_rpc`; each reloads it in place: a Ponder model
+name for name, others with vLLM's own `reload_weights` (the model's `load_weights` fuses q/k/v
+and gate/up into vLLM's layout, and the layerwise reload repacks them for the kernels, as vLLM's
+CPU backend needs). Then the prefix cache is dropped: its keys and values (and TTT-E2E's cached
+fast weights) came from the old weights. No restart, no disk.
 """
 
 from __future__ import annotations
@@ -56,23 +59,18 @@ def check_servable(model_dir: str | os.PathLike) -> dict:
     if config.get("model_type") != "ponder":
         return {}
     from models import PonderConfig
-    from rollout.vllm_plugin import ARCH_TTT
 
-    ponder = PonderConfig.from_dict(config)
-    refuse = f"rollout.engine=vllm cannot serve {model_dir}: "
-    use_torch = "; use rollout.engine=torch"
-    if ponder.head_dim < 32 and not torch.cuda.is_available():
-        raise ValueError(refuse + f"head_dim={ponder.head_dim}, and vLLM's CPU attention needs a head size of at least "
-                         "32" + use_torch)
-    if not ponder.is_ttt:
-        return {}
-    if ponder.suffix_len > 1:
-        raise ValueError(refuse + f"suffix_len={ponder.suffix_len}; the vLLM model serves TTT-E2E with one suffix block "
-                         "(deeper suffixes would recompute later blocks' attention over the pending chunk)" + use_torch)
-    if not ponder.ttt_update_during_decode:
-        raise ValueError(refuse + "ttt_update_during_decode=false; vLLM cannot tell the model where a context ends and "
-                         "sampled tokens begin, so its fast weights learn from every chunk" + use_torch)
-    return {"architectures": [ARCH_TTT]}
+    return servable_overrides(PonderConfig.from_dict(config), str(model_dir))
+
+
+def servable_overrides(config, name: str) -> dict:
+    """check_servable for a Ponder model's PonderConfig (`name` says which model it is)."""
+    from rollout.vllm_plugin import ARCH_TTT, unservable_reason
+
+    reason = unservable_reason(config, cuda=torch.cuda.is_available())
+    if reason:
+        raise ValueError(f"rollout.engine=vllm cannot serve {name}: {reason}; use rollout.engine=torch")
+    return {"architectures": [ARCH_TTT]} if config.is_ttt else {}
 
 
 def state_dict_bytes(state: Mapping[str, torch.Tensor]) -> bytes:

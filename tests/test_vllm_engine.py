@@ -2,7 +2,7 @@
 weights: thought log-probs (at the sampling temperature, before top-p), forced </think>, scores
 of the next token with and without a thought, generation, scoring, weights loaded in place; two
 RLP steps through the Ray graph with a vLLM rollout worker and a learner training the Llama; the
-clear refusal of a Ponder model.
+clear refusal of Ponder models vLLM cannot serve (tests/test_vllm_ponder.py serves the others).
 
 vLLM's CPU build runs these in float32, where its log-probs equal the Hugging Face forward's to
 about 1e-6 (measured max abs difference 4.8e-7); the tolerance is 1e-4.
@@ -202,10 +202,16 @@ def test_the_learner_trains_a_hugging_face_llama(base, tok, tmp_path):
     assert "eval/bpb" in learner.evaluate()
 
 
-def test_a_ponder_model_is_refused_naming_the_torch_engine(tmp_path):
-    PonderForCausalLM(PonderConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, mode="ttt_e2e")).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"Ponder.*ttt_e2e.*rollout\.engine=torch"):
+@pytest.mark.parametrize("settings, reason", [
+    ({"num_attention_heads": 4}, r"head_dim=16.*at least 32"),
+    ({"mode": "ttt_e2e", "suffix_len": 2}, r"suffix_len=2.*one suffix block"),
+    ({"mode": "ttt_e2e", "ttt_update_during_decode": False}, r"ttt_update_during_decode=false"),
+])
+def test_what_vllm_cannot_serve_is_refused_naming_the_reason(tmp_path, settings, reason):
+    config = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  suffix_len=1)
+    PonderForCausalLM(PonderConfig(**{**config, **settings})).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"cannot serve .*{reason}.*rollout\.engine=torch"):
         VLLMEngine(tmp_path)
 
 

@@ -15,6 +15,19 @@ ARCH = "PonderForCausalLM"
 ARCH_TTT = "PonderTTTForCausalLM"
 
 
+def unservable_reason(config, cuda: bool) -> str | None:
+    """Why vLLM cannot serve a Ponder model with this PonderConfig (None: it can). `cuda`: on a GPU."""
+    if config.head_dim < 32 and not cuda:
+        return f"head_dim={config.head_dim}, and vLLM's CPU attention needs a head size of at least 32"
+    if config.is_ttt and config.suffix_len > 1:
+        return (f"suffix_len={config.suffix_len}; the vLLM model serves TTT-E2E with one suffix block (deeper "
+                "suffixes would recompute the later blocks' attention over the pending chunk)")
+    if config.is_ttt and not config.ttt_update_during_decode:
+        return ("ttt_update_during_decode=false; vLLM cannot tell the model where a context ends and sampled "
+                "tokens begin, so its fast weights learn from every chunk")
+    return None
+
+
 def register() -> None:
     """Make Ponder's config known to transformers' AutoConfig and its model classes to vLLM.
     Safe to call many times, in any process."""

@@ -26,6 +26,7 @@ from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 
 from models.config import PonderConfig
 from models.model import RMSNorm, Sublayer, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
+from rollout.vllm_plugin import unservable_reason
 from rollout.vllm_plugin.ttt import N_STATES, FastMLP, fast_state_dtypes, fast_state_shapes
 
 
@@ -84,6 +85,9 @@ class PonderVLLMForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config: PonderConfig = vllm_config.model_config.hf_config
+        reason = unservable_reason(config, cuda=torch.cuda.is_available())
+        if reason:
+            raise ValueError(f"vLLM cannot serve this Ponder model: {reason}")
         if config.is_ttt and not isinstance(self, IsHybrid):
             raise ValueError("a TTT-E2E Ponder model is served under the architecture PonderTTTForCausalLM: pass "
                              "hf_overrides={'architectures': ['PonderTTTForCausalLM']} (rollout/vllm_engine.py does)")

@@ -94,23 +94,25 @@ class FastMLP(Sublayer, MambaBase):
                 for state, w0 in zip((w1, w2, w3), self.f.weights()):
                     state[slot].copy_(w0)
 
-        if meta.num_prefills == 0:  # one token per request: the updates due, then one batched step
-            for r, (slot, pos) in enumerate(zip(slots, first_pos)):
-                if pos and pos % self.chunk == 0:
-                    self._learn(slot, input_ids[starts[r]])
-            idx = torch.tensor(slots, device=h.device)
-            rows = h[: starts[-1], None]
-            out[: starts[-1]] = self.apply(rows, (w1[idx], w2[idx], w3[idx]))[:, 0]
-            offsets = torch.tensor(first_pos, device=h.device) % self.chunk
-            pending_h[idx, offsets] = h[: starts[-1]]
-            pending_ids[idx, offsets] = input_ids[: starts[-1]].to(pending_ids.dtype)
-            return out
+        # vLLM puts the one-token requests (decodes) first: they go as one batch.
+        n = meta.num_decodes
+        if starts[n] != n:
+            raise RuntimeError(f"expected the {n} one-token requests first in the batch; query starts {starts}")
+        if n:
+            due = [r for r, pos in enumerate(first_pos[:n]) if pos and pos % self.chunk == 0]
+            if due:  # requests whose chunk completes now learn together, as one batch
+                self._learn([slots[r] for r in due], input_ids[[starts[r] for r in due]])
+            idx = torch.tensor(slots[:n], device=h.device)
+            out[:n] = self.apply(h[:n, None], (w1[idx], w2[idx], w3[idx]))[:, 0]
+            offsets = torch.tensor(first_pos[:n], device=h.device) % self.chunk
+            pending_h[idx, offsets] = h[:n]
+            pending_ids[idx, offsets] = input_ids[:n].to(pending_ids.dtype)
 
-        for r, (slot, pos) in enumerate(zip(slots, first_pos)):
-            i, end = starts[r], starts[r + 1]
-            while i < end:  # pieces that stay inside one chunk
+        for r in range(n, num_reqs):  # prefills, each in pieces that stay inside one chunk
+            slot, pos, i, end = slots[r], first_pos[r], starts[r], starts[r + 1]
+            while i < end:
                 if pos and pos % self.chunk == 0:
-                    self._learn(slot, input_ids[i])
+                    self._learn([slot], input_ids[i : i + 1])
                 offset = pos % self.chunk
                 j = min(end, i + self.chunk - offset)
                 out[i:j] = self.apply(h[None, i:j], (w1[slot, None], w2[slot, None], w3[slot, None]))[0]
@@ -120,17 +122,18 @@ class FastMLP(Sublayer, MambaBase):
                 i = j
         return out
 
-    def _learn(self, slot: int, next_id: torch.Tensor) -> None:
-        """One inner step of request `slot` on its complete pending chunk, whose last target is
-        `next_id`; its fast weights are replaced in place."""
+    def _learn(self, slots: list[int], next_ids: torch.Tensor) -> None:
+        """One inner step of each request in `slots` on its complete pending chunk, whose last
+        target is the request's entry of `next_ids`; their fast weights are replaced in place."""
         w1, w2, w3, pending_h, pending_ids = self.kv_cache
+        idx = torch.tensor(slots, device=pending_h.device)
         with torch.inference_mode(False), torch.enable_grad():
-            targets = torch.cat([pending_ids[slot, 1:], next_id.view(1).to(pending_ids.dtype)]).long()[None]
-            h = pending_h[slot].clone()[None]
-            fast = [[w[slot].clone()[None].requires_grad_() for w in (w1, w2, w3)]]
+            targets = torch.cat([pending_ids[idx, 1:], next_ids.view(-1, 1).to(pending_ids.dtype)], 1).long()
+            h = pending_h[idx].clone()
+            fast = [[w[idx].clone().requires_grad_() for w in (w1, w2, w3)]]
             hidden = h + self.apply(h, fast[0])
             loss = per_sequence_loss(self.loss_tail(hidden), targets)
             (new,) = inner_sgd_step(fast, loss, self.config.ttt_inner_lr, self.config.ttt_clip, create_graph=False,
                                     retain_graph=False, kernels=self.config.kernels)
         for state, w in zip((w1, w2, w3), new):
-            state[slot].copy_(w[0].detach())
+            state[idx] = w.detach()

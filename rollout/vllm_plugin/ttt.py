@@ -108,18 +108,26 @@ class FastMLP(Sublayer, MambaBase):
             pending_h[idx, offsets] = h[:n]
             pending_ids[idx, offsets] = input_ids[:n].to(pending_ids.dtype)
 
-        for r in range(n, num_reqs):  # prefills, each in pieces that stay inside one chunk
-            slot, pos, i, end = slots[r], first_pos[r], starts[r], starts[r + 1]
+        # Prefills, cut at chunk boundaries: round k takes every request's k-th piece, so the
+        # requests whose chunk completes before that piece learn together, as one batch.
+        pieces = []  # per request: (first token, end, position of the first token)
+        for r in range(n, num_reqs):
+            i, end, pos, cut = starts[r], starts[r + 1], first_pos[r], []
             while i < end:
-                if pos and pos % self.chunk == 0:
-                    self._learn([slot], input_ids[i : i + 1])
+                j = min(end, i + self.chunk - pos % self.chunk)
+                cut.append((i, j, pos))
+                i, pos = j, pos + j - i
+            pieces.append((slots[r], cut))
+        for k in range(max((len(cut) for _, cut in pieces), default=0)):
+            now = [(slot, cut[k]) for slot, cut in pieces if k < len(cut)]
+            due = [(slot, i) for slot, (i, _, pos) in now if pos and pos % self.chunk == 0]
+            if due:
+                self._learn([slot for slot, _ in due], input_ids[[i for _, i in due]])
+            for slot, (i, j, pos) in now:
                 offset = pos % self.chunk
-                j = min(end, i + self.chunk - offset)
                 out[i:j] = self.apply(h[None, i:j], (w1[slot, None], w2[slot, None], w3[slot, None]))[0]
                 pending_h[slot, offset : offset + j - i] = h[i:j]
                 pending_ids[slot, offset : offset + j - i] = input_ids[i:j].to(pending_ids.dtype)
-                pos += j - i
-                i = j
         return out
 
     def _learn(self, slots: list[int], next_ids: torch.Tensor) -> None:

@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.common import timeit  # noqa: E402
-
-THINK_OPEN, THINK_CLOSE = 1, 2  # ids in a synthetic vocabulary; contexts use ids above them
+from bench.rollout_throughput import THINK_CLOSE, THINK_OPEN, add_think_args, thought_tokens  # noqa: E402
 
 
 def ttt_model(args):
@@ -68,8 +67,8 @@ def main(args) -> None:
     base = None
     for name, engine in engines.items():
         produced = []
-        seconds = timeit(lambda: produced.append(sum(len(t) for g in engine.think(contexts, next_tokens, **think)
-                                                     for t in g.thoughts)), device, repeats=args.repeats)
+        seconds = timeit(lambda: produced.append(thought_tokens(engine.think(contexts, next_tokens, **think))),
+                         device, repeats=args.repeats)
         thoughts_per_s = args.contexts * args.group / seconds
         base = base or thoughts_per_s
         print(f"  {name:24s} {thoughts_per_s:11.1f} {sum(produced) / len(produced) / seconds:10.1f} "
@@ -95,22 +94,10 @@ def main(args) -> None:
 
 if __name__ == "__main__":  # vLLM starts worker processes: keep the guard
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="vLLM's dtype (the learner trains in float32)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
+    add_think_args(p, context_len=128)
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--chunk", type=int, default=32)
-    p.add_argument("--contexts", type=int, default=16)
-    p.add_argument("--context-len", type=int, default=128)
-    p.add_argument("--group", type=int, default=4)
-    p.add_argument("--thought", type=int, default=24)
-    p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--latency-contexts", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per engine (rollout workers decode on one)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main(p.parse_args())

@@ -82,6 +82,29 @@ def max_diff(actual, expected) -> float:
     return (actual - expected).abs().max().item()
 
 
+def thought_diffs(model, groups, contexts, next_tokens, n, think_open, close, max_new, temperature):
+    """Max abs differences between `think`'s log-probs and the model's own forward (each thought's
+    tokens at the sampling temperature; x_t with and without it through the torch engine, which
+    scores any causal LM), and the thoughts' lengths; asserts the groups' shape on the way."""
+    scorer = TorchEngine(model)
+    diffs, lengths = [], []
+    for context, next_token, group in zip(contexts, next_tokens, groups):
+        assert len(group.thoughts) == len(group.thought_logprobs) == len(group.logp_next_with_thought) == n
+        diffs.append(max_diff(group.logp_next_no_thought, scorer.score([context], [next_token])))
+        for thought, thought_logprobs, truncated in zip(group.thoughts, group.thought_logprobs, group.truncated):
+            assert thought[-1] == close and close not in thought[:-1]
+            assert len(thought_logprobs) == len(thought) <= max_new + 1
+            assert truncated == (len(thought) == max_new + 1)
+            lengths.append(len(thought))
+            full = context + [think_open] + thought
+            # Thought token u is predicted at the position before it; forced </think>s included.
+            expected = logprobs_of(model, full, temperature)[torch.arange(len(context), len(full) - 1), thought]
+            diffs.append(max_diff(thought_logprobs, expected))
+        with_thought = scorer.score([context + [think_open] + th for th in group.thoughts], [next_token] * n)
+        diffs.append(max_diff(group.logp_next_with_thought, with_thought))
+    return diffs, lengths
+
+
 @needs_vllm
 def test_think_matches_the_hugging_face_forward(engine, base, tok):
     model = base[0]
@@ -93,22 +116,7 @@ def test_think_matches_the_hugging_face_forward(engine, base, tok):
     temperature, top_p, max_new = 0.7, 0.9, 6
     groups = engine.think(contexts, next_tokens, n=8, max_new_tokens=max_new, temperature=temperature, top_p=top_p,
                           think_open=think_open, think_close=close)
-    teacher = TorchEngine(model)  # the torch engine scores Hugging Face models too (the EMA teacher does)
-    diffs, lengths = [], []
-    for context, next_token, group in zip(contexts, next_tokens, groups):
-        assert len(group.thoughts) == len(group.thought_logprobs) == len(group.logp_next_with_thought) == 8
-        diffs.append(max_diff(group.logp_next_no_thought, teacher.score([context], [next_token])))
-        for thought, thought_logprobs, truncated in zip(group.thoughts, group.thought_logprobs, group.truncated):
-            assert thought[-1] == close and close not in thought[:-1]
-            assert len(thought_logprobs) == len(thought) <= max_new + 1
-            assert truncated == (len(thought) == max_new + 1)
-            lengths.append(len(thought))
-            full = context + [think_open] + thought
-            # Thought token u is predicted at the position before it; forced </think>s included.
-            expected = logprobs_of(model, full, temperature)[torch.arange(len(context), len(full) - 1), thought]
-            diffs.append(max_diff(thought_logprobs, expected))
-        with_thought = teacher.score([context + [think_open] + th for th in group.thoughts], [next_token] * 8)
-        diffs.append(max_diff(group.logp_next_with_thought, with_thought))
+    diffs, lengths = thought_diffs(model, groups, contexts, next_tokens, 8, think_open, close, max_new, temperature)
     print(f"vLLM vs Hugging Face forward: max abs difference of log-probs {max(diffs):.2e}")
     assert max(diffs) < TOL
     # Both paths ran: thoughts closed by a sampled </think> and thoughts closed by force.

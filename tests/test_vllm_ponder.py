@@ -13,11 +13,11 @@ import importlib.util
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import PonderConfig, PonderForCausalLM
 from rollout import TorchEngine
 from rollout.vllm_engine import VLLMEngine
+from tests.test_vllm_engine import logprobs_of, max_diff, thought_diffs
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")]
@@ -57,18 +57,6 @@ def served(request, tmp_path_factory):
 def random_ids(lengths, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
-
-
-@torch.no_grad()
-def logprobs_of(model, ids, temperature=1.0):
-    """log softmax(logits / temperature) of one Ponder forward over the whole sequence, [T, V]
-    (with TTT-E2E its inner loop learning from every chunk, as in decoding)."""
-    return F.log_softmax(model(torch.tensor([ids])).logits[0].float() / temperature, -1)
-
-
-def max_diff(actual, expected) -> float:
-    actual, expected = (torch.as_tensor(x, dtype=torch.float32) for x in (actual, expected))
-    return (actual - expected).abs().max().item()
 
 
 def prompt_logprobs(engine, prompts):
@@ -112,18 +100,7 @@ def test_thoughts_and_their_scores(served):
     temperature, max_new = 0.7, 12
     groups = engine.think(contexts, next_tokens, n=4, max_new_tokens=max_new, temperature=temperature, top_p=0.9,
                           think_open=think_open, think_close=close)
-    torch_engine = TorchEngine(model)
-    diffs, lengths = [], []
-    for context, next_token, group in zip(contexts, next_tokens, groups):
-        diffs.append(max_diff(group.logp_next_no_thought, torch_engine.score([context], [next_token])))
-        for thought, thought_logprobs in zip(group.thoughts, group.thought_logprobs):
-            assert thought[-1] == close and len(thought_logprobs) == len(thought) <= max_new + 1
-            lengths.append(len(thought))
-            full = context + [think_open] + thought
-            expected = logprobs_of(model, full, temperature)[torch.arange(len(context), len(full) - 1), thought]
-            diffs.append(max_diff(thought_logprobs, expected))
-        with_thought = torch_engine.score([context + [think_open] + th for th in group.thoughts], [next_token] * 4)
-        diffs.append(max_diff(group.logp_next_with_thought, with_thought))
+    diffs, lengths = thought_diffs(model, groups, contexts, next_tokens, 4, think_open, close, max_new, temperature)
     print(f"{mode}: thoughts, max abs difference of log-probs {max(diffs):.2e}; lengths {sorted(lengths)}")
     assert max(diffs) < TOL
     assert max(lengths) > CHUNK  # some thought crossed a chunk boundary while decoding

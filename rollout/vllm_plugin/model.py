@@ -19,39 +19,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from vllm.config import VllmConfig
-from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.attention import Attention as VLLMAttention
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 
 from models.config import PonderConfig
-from models.model import RMSNorm, Sublayer, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
+from models.model import Attention, RMSNorm, Sublayer, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
 from rollout.vllm_plugin import unservable_reason
 from rollout.vllm_plugin.ttt import N_STATES, FastMLP, fast_state_dtypes, fast_state_shapes
 
 
-class PagedAttention(nn.Module):
+class PagedAttention(Attention):
     """models.model.Attention's projections, QK-norm and RoPE around vLLM's paged attention.
     Works on flat tokens [N, d] of every request in the batch, at their `positions`."""
 
     def __init__(self, config: PonderConfig, vllm_config: VllmConfig, prefix: str):
-        super().__init__()
-        d, self.head_dim = config.hidden_size, config.head_dim
-        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.wq = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        super().__init__(config)
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_params)
         # vLLM reads a model-wide window from config.sliding_window, which a Ponder config carries in
         # every mode: the layer gets the window of its mode instead (None: full attention).
         cache_config = copy.copy(vllm_config.cache_config)
-        cache_config.sliding_window = config.attention_window
-        self.paged = Attention(self.n_heads, self.head_dim, self.head_dim ** -0.5, num_kv_heads=self.n_kv_heads,
-                               cache_config=cache_config, per_layer_sliding_window=config.attention_window,
-                               prefix=f"{prefix}.paged")
+        cache_config.sliding_window = self.window
+        self.paged = VLLMAttention(self.n_heads, self.head_dim, self.head_dim ** -0.5, num_kv_heads=self.n_kv_heads,
+                                   cache_config=cache_config, per_layer_sliding_window=self.window,
+                                   prefix=f"{prefix}.paged")
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]

@@ -147,8 +147,8 @@ def main(args) -> None:
         vllm_engine.close()
 
 
-if __name__ == "__main__":  # vLLM starts worker processes: keep the guard
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_think_args(p, context_len: int) -> None:
+    """The model shape, the `think` workload and the device flags of the rollout benchmarks."""
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="vLLM's dtype (the learner trains in float32)")
     p.add_argument("--hidden", type=int, default=256)
@@ -156,12 +156,17 @@ if __name__ == "__main__":  # vLLM starts worker processes: keep the guard
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--contexts", type=int, default=16)
-    p.add_argument("--context-len", type=int, default=64)
+    p.add_argument("--context-len", type=int, default=context_len)
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--thought", type=int, default=24)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-vllm", action="store_true", help="leave vLLM out (its start takes a while)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per variant (rollout workers decode on one)")
+
+
+if __name__ == "__main__":  # vLLM starts worker processes: keep the guard
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_think_args(p, context_len=64)
+    p.add_argument("--no-vllm", action="store_true", help="leave vLLM out (its start takes a while)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main(p.parse_args())

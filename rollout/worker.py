@@ -68,7 +68,7 @@ def choose_positions(seq_len: int, k: int, min_context: int, generator: torch.Ge
 
 class RolloutWorker:
     """Holds the policy, the EMA teacher and the reward. The policy runs on the torch engine or,
-    with engine="vllm", on vLLM (Hugging Face architectures only); the teacher, which only scores
+    with engine="vllm", on vLLM (what rollout/vllm_engine.py serves); the teacher, which only scores
     contexts, always runs on the torch engine."""
 
     def __init__(self, model_dir: str, tokenizer_dir: str, rlp_cfg, reward: str, seed: int, device: str | None = "cpu",
@@ -84,7 +84,7 @@ class RolloutWorker:
         if engine == "vllm":
             from rollout.vllm_engine import VLLMEngine
 
-            self.policy = VLLMEngine(model_dir, seed=seed)  # refuses Ponder models, naming rollout.engine=torch
+            self.policy = VLLMEngine(model_dir, seed=seed)  # refuses what vLLM cannot serve, naming the reason
         elif engine == "torch":
             self.policy = TorchEngine(AutoModelForCausalLM.from_pretrained(model_dir), device, seed=seed)
         else:

@@ -62,8 +62,14 @@ def test_pipeline_exits_with_message(capsys):
     assert "optim.lrr" in capsys.readouterr().err
 
 
-def test_vllm_engine_needs_a_base_it_can_serve():
+def test_vllm_engine_refuses_a_base_it_cannot_serve(tmp_path):
+    from models import PonderConfig, PonderForCausalLM
     from training.config import RLPMidtrainConfig
+    from training.run import check_vllm_serves
 
-    with pytest.raises(ConfigError, match=r"rollout.engine=vllm needs base=.*rollout.engine=torch"):
-        load_config(RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", ["rollout.engine=vllm"])
+    # Without a base the pipeline pretrains a Ponder model, which vLLM may serve: checked at start.
+    cfg = load_config(RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", ["rollout.engine=vllm"])
+    PonderForCausalLM(PonderConfig(vocab_size=64, hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                   intermediate_size=64, mode="ttt_e2e", suffix_len=2)).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"cannot serve .*suffix_len=2.*rollout\.engine=torch"):
+        check_vllm_serves(tmp_path, cfg.model, None, cfg.ttt)

@@ -2,7 +2,7 @@
 weights: thought log-probs (at the sampling temperature, before top-p), forced </think>, scores
 of the next token with and without a thought, generation, scoring, weights loaded in place; two
 RLP steps through the Ray graph with a vLLM rollout worker and a learner training the Llama; the
-clear refusal of a Ponder model.
+clear refusal of Ponder models vLLM cannot serve (tests/test_vllm_ponder.py serves the others).
 
 vLLM's CPU build runs these in float32, where its log-probs equal the Hugging Face forward's to
 about 1e-6 (measured max abs difference 4.8e-7); the tolerance is 1e-4.
@@ -82,6 +82,29 @@ def max_diff(actual, expected) -> float:
     return (actual - expected).abs().max().item()
 
 
+def thought_diffs(model, groups, contexts, next_tokens, n, think_open, close, max_new, temperature):
+    """Max abs differences between `think`'s log-probs and the model's own forward (each thought's
+    tokens at the sampling temperature; x_t with and without it through the torch engine, which
+    scores any causal LM), and the thoughts' lengths; asserts the groups' shape on the way."""
+    scorer = TorchEngine(model)
+    diffs, lengths = [], []
+    for context, next_token, group in zip(contexts, next_tokens, groups):
+        assert len(group.thoughts) == len(group.thought_logprobs) == len(group.logp_next_with_thought) == n
+        diffs.append(max_diff(group.logp_next_no_thought, scorer.score([context], [next_token])))
+        for thought, thought_logprobs, truncated in zip(group.thoughts, group.thought_logprobs, group.truncated):
+            assert thought[-1] == close and close not in thought[:-1]
+            assert len(thought_logprobs) == len(thought) <= max_new + 1
+            assert truncated == (len(thought) == max_new + 1)
+            lengths.append(len(thought))
+            full = context + [think_open] + thought
+            # Thought token u is predicted at the position before it; forced </think>s included.
+            expected = logprobs_of(model, full, temperature)[torch.arange(len(context), len(full) - 1), thought]
+            diffs.append(max_diff(thought_logprobs, expected))
+        with_thought = scorer.score([context + [think_open] + th for th in group.thoughts], [next_token] * n)
+        diffs.append(max_diff(group.logp_next_with_thought, with_thought))
+    return diffs, lengths
+
+
 @needs_vllm
 def test_think_matches_the_hugging_face_forward(engine, base, tok):
     model = base[0]
@@ -93,22 +116,7 @@ def test_think_matches_the_hugging_face_forward(engine, base, tok):
     temperature, top_p, max_new = 0.7, 0.9, 6
     groups = engine.think(contexts, next_tokens, n=8, max_new_tokens=max_new, temperature=temperature, top_p=top_p,
                           think_open=think_open, think_close=close)
-    teacher = TorchEngine(model)  # the torch engine scores Hugging Face models too (the EMA teacher does)
-    diffs, lengths = [], []
-    for context, next_token, group in zip(contexts, next_tokens, groups):
-        assert len(group.thoughts) == len(group.thought_logprobs) == len(group.logp_next_with_thought) == 8
-        diffs.append(max_diff(group.logp_next_no_thought, teacher.score([context], [next_token])))
-        for thought, thought_logprobs, truncated in zip(group.thoughts, group.thought_logprobs, group.truncated):
-            assert thought[-1] == close and close not in thought[:-1]
-            assert len(thought_logprobs) == len(thought) <= max_new + 1
-            assert truncated == (len(thought) == max_new + 1)
-            lengths.append(len(thought))
-            full = context + [think_open] + thought
-            # Thought token u is predicted at the position before it; forced </think>s included.
-            expected = logprobs_of(model, full, temperature)[torch.arange(len(context), len(full) - 1), thought]
-            diffs.append(max_diff(thought_logprobs, expected))
-        with_thought = teacher.score([context + [think_open] + th for th in group.thoughts], [next_token] * 8)
-        diffs.append(max_diff(group.logp_next_with_thought, with_thought))
+    diffs, lengths = thought_diffs(model, groups, contexts, next_tokens, 8, think_open, close, max_new, temperature)
     print(f"vLLM vs Hugging Face forward: max abs difference of log-probs {max(diffs):.2e}")
     assert max(diffs) < TOL
     # Both paths ran: thoughts closed by a sampled </think> and thoughts closed by force.
@@ -202,10 +210,16 @@ def test_the_learner_trains_a_hugging_face_llama(base, tok, tmp_path):
     assert "eval/bpb" in learner.evaluate()
 
 
-def test_a_ponder_model_is_refused_naming_the_torch_engine(tmp_path):
-    PonderForCausalLM(PonderConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, mode="ttt_e2e")).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"Ponder.*ttt_e2e.*rollout\.engine=torch"):
+@pytest.mark.parametrize("settings, reason", [
+    ({"num_attention_heads": 4}, r"head_dim=16.*at least 32"),
+    ({"mode": "ttt_e2e", "suffix_len": 2}, r"suffix_len=2.*one suffix block"),
+    ({"mode": "ttt_e2e", "ttt_update_during_decode": False}, r"ttt_update_during_decode=false"),
+])
+def test_what_vllm_cannot_serve_is_refused_naming_the_reason(tmp_path, settings, reason):
+    config = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  suffix_len=1)
+    PonderForCausalLM(PonderConfig(**{**config, **settings})).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"cannot serve .*{reason}.*rollout\.engine=torch"):
         VLLMEngine(tmp_path)
 
 

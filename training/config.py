@@ -372,9 +372,6 @@ class RLPMidtrainConfig(PretrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.rollout.engine == "vllm" and not self.base:
-            raise ConfigError("rollout.engine=vllm needs base=<a Hugging Face causal LM dir vLLM serves>: the base "
-                              "this pipeline would pretrain is a Ponder model, which needs rollout.engine=torch")
         if self.rollout.windows_per_step % self.learner.num_ranks:
             raise ConfigError(f"rollout.windows_per_step={self.rollout.windows_per_step} must be divisible by "
                               f"learner.num_ranks={self.learner.num_ranks} (each rank trains an equal share)")

@@ -64,6 +64,11 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(cfg: ModelConfig, tokenizer, ttt: TTTConfig | None = None) -> PonderForCausalLM:
     """A freshly initialised model with the tokenizer's vocabulary and special ids."""
+    return PonderForCausalLM(model_config(cfg, tokenizer, ttt))
+
+
+def model_config(cfg: ModelConfig, tokenizer, ttt: TTTConfig | None = None) -> PonderConfig:
+    """The PonderConfig of the model `build_model` makes."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "name"}
     ttt = ttt or TTTConfig()
     fields.update(ttt_grad=ttt.grad, ttt_inner_lr=ttt.inner_lr, ttt_clip=ttt.clip,
@@ -72,9 +77,22 @@ def build_model(cfg: ModelConfig, tokenizer, ttt: TTTConfig | None = None) -> Po
     fields["vocab_size"] = fields["vocab_size"] or len(tokenizer)
     if fields["vocab_size"] < len(tokenizer):
         raise ConfigError(f"model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's {len(tokenizer)}")
-    config = PonderConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, **fields)
-    return PonderForCausalLM(config)
+    return PonderConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, **fields)
+
+
+def check_vllm_serves(base: Path | None, cfg: ModelConfig, tokenizer, ttt: TTTConfig) -> None:
+    """rollout.engine=vllm: a ConfigError naming the reason when vLLM cannot serve the base, or
+    (no base given) the model the run would pretrain."""
+    from rollout.vllm_engine import check_servable, servable_overrides
+
+    try:
+        if base is not None:
+            check_servable(base)
+        else:
+            servable_overrides(model_config(cfg, tokenizer, ttt), f"the model to pretrain (model={cfg.name})")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def load_base(path: str | Path, ttt: TTTConfig) -> PonderForCausalLM:

@@ -41,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        data = prepare_data(DataConfig(num_docs=2000, tasks=["worked_arithmetic"], cache_dir=f"{tmp}/cache"), tmp, 0)
+        data = prepare_data(DataConfig(num_docs=6000, tasks=["worked_arithmetic"], cache_dir=f"{tmp}/cache"), tmp, 0)
     model = build_model(ModelConfig(mode=args.mode), data.tokenizer)
     task_eval = TaskAccuracy(data.tokenizer, data.heldout_docs, args.problems, think_tokens=args.think_tokens)
 

@@ -223,14 +223,33 @@ def test_what_vllm_cannot_serve_is_refused_naming_the_reason(tmp_path, settings,
         VLLMEngine(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def ttt_base(tok, tmp_path_factory):
+    """A tiny random TTT-E2E Ponder model on the same tokenizer (chunks of 8: a 25-token window and
+    its thoughts cross several inner updates inside vLLM; inner lr 0.1, see test_vllm_ponder.py)."""
+    torch.manual_seed(0)
+    model = PonderForCausalLM(PonderConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        mode="ttt_e2e", sliding_window=16, suffix_len=1, mini_batch_size=8, ttt_inner_lr=0.1,
+        max_position_embeddings=256, eos_token_id=tok.eos_token_id)).eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(4)
+    path = tmp_path_factory.mktemp("ttt")
+    model.save_pretrained(path)
+    return model, path
+
+
 @needs_vllm
-def test_two_rlp_steps_on_ray_with_a_vllm_worker(ray_cluster, base, tok, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["base", "ttt_base"])
+def test_two_rlp_steps_on_ray_with_a_vllm_worker(ray_cluster, which, tok, tmp_path, request):
+    """A Llama, and a TTT-E2E Ponder model served by rollout/vllm_plugin (fast weights learning in vLLM)."""
     ray = ray_cluster
     from rollout.pool import RolloutPool
     from rollout.worker import RolloutWorker
     from training.learner import Learner
 
-    model, model_dir = base
+    model, model_dir = request.getfixturevalue(which)
     tok_dir = tmp_path / "tok"
     tok.save_pretrained(tok_dir)
     cfg = load_config(RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml",

@@ -34,7 +34,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from kernels import fast_swiglu, sliding_window_attention, swiglu, twice_differentiable_attention
 from models.config import PonderConfig
 from models.memory import inner_update
-from models.state import DecodeState
+from models.state import DecodeState, map_tensors
 from models.ttt import chunk_mean_loss, initial_fast_weights, ttt_forward, upcast
 
 
@@ -239,12 +239,9 @@ class PonderForCausalLM(PonderPreTrainedModel):
     def new_state(self, batch_size: int, differentiable: bool = False) -> DecodeState:
         """An empty per-sequence decoding state: caches, and W_0 as every sequence's fast weights.
         differentiable: for training through the state, W_0 still attached to its parameters."""
-        fast = None
-        if self.config.is_ttt and differentiable:
-            fast = initial_fast_weights(self, batch_size)
-        elif self.config.is_ttt:
-            fast = [[w.detach().unsqueeze(0).expand(batch_size, *w.shape).clone() for w in b.fast_weights()]
-                    for b in self.blocks[self.n_prefix:]]
+        fast = initial_fast_weights(self, batch_size) if self.config.is_ttt else None
+        if fast is not None and not differentiable:  # detached, every sequence its own storage (not a view of W_0)
+            fast = map_tensors(lambda w: w.detach().clone(), fast)
         return DecodeState(kv=[None] * self.config.num_hidden_layers, fast=fast, differentiable=differentiable)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,

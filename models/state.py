@@ -70,7 +70,7 @@ class DecodeState:
         return DecodeState(
             kv=[None if kv is None else (rep(kv[0]), rep(kv[1])) for kv in self.kv],
             fast=None if self.fast is None else [[rep(w) for w in layer] for layer in self.fast],
-            memory=_map_tensors(rep, self.memory),
+            memory=map_tensors(rep, self.memory),
             pos=self.pos, learn=self.learn, chunk_start=self.chunk_start,
             pending_h=rep(self.pending_h), pending_targets=rep(self.pending_targets),
         )
@@ -82,9 +82,9 @@ class DecodeState:
         cut = torch.Tensor.detach
         return DecodeState(
             kv=[None if kv is None else (cut(kv[0]), cut(kv[1])) for kv in self.kv],
-            fast=_map_tensors(lambda w: w.detach().requires_grad_(self.differentiable), self.fast),
-            memory=_map_tensors(cut, self.memory), pos=self.pos, learn=self.learn, chunk_start=self.chunk_start,
-            pending_h=_map_tensors(cut, self.pending_h), pending_targets=self.pending_targets,
+            fast=map_tensors(lambda w: w.detach().requires_grad_(self.differentiable), self.fast),
+            memory=map_tensors(cut, self.memory), pos=self.pos, learn=self.learn, chunk_start=self.chunk_start,
+            pending_h=map_tensors(cut, self.pending_h), pending_targets=self.pending_targets,
             differentiable=self.differentiable,
         )
 
@@ -97,8 +97,10 @@ class DecodeState:
         return cls(**{**d, "kv": [None if kv is None else tuple(kv) for kv in d["kv"]]}).detached()
 
 
-def _map_tensors(fn, x):
-    """fn applied to every tensor in nested lists (None kept)."""
+def map_tensors(fn, x):
+    """fn applied to every tensor in nested lists, tuples and dicts; anything else (None, numbers) kept."""
+    if isinstance(x, dict):
+        return {k: map_tensors(fn, v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_map_tensors(fn, v) for v in x]
-    return None if x is None else fn(x)
+        return type(x)(map_tensors(fn, v) for v in x)
+    return fn(x) if isinstance(x, torch.Tensor) else x

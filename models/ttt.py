@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from kernels import clip_scale, clipped_sgd_step, linear_cross_entropy, resolve_backend
-from models.state import UNKNOWN, DecodeState
+from models.state import UNKNOWN, DecodeState, map_tensors
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +172,7 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
         with torch.enable_grad():  # inference still needs the inner gradient, nothing more
             logits, fast, memory, kv = chunk_step(model, h_chunk, chunk_start, past_kv, _leaves(state.fast),
                                                   state.memory, chunk_targets, False, False, update)
-        return logits.detach(), _detached(fast), detach_tree(memory), [(k.detach(), v.detach()) for k, v in kv]
+        return logits.detach(), _detached(fast), map_tensors(torch.Tensor.detach, memory), [(k.detach(), v.detach()) for k, v in kv]
 
     logits = []
     i = 0
@@ -212,13 +212,6 @@ def _append(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 
 def _detached(fast: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
     return [[w.detach() for w in layer] for layer in fast]
-
-
-def detach_tree(x):
-    """Every tensor in nested lists detached (None kept)."""
-    if isinstance(x, (list, tuple)):
-        return [detach_tree(v) for v in x]
-    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def _leaves(fast: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:

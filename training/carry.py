@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from models.hf import is_ttt
-from models.state import DecodeState
+from models.state import DecodeState, map_tensors
 from training.data import split_window
 
 
@@ -61,12 +61,4 @@ class CarriedState:
         if state is None:
             self.state = None
             return
-        self.state = DecodeState.from_dict(_to_device(state, device))
-
-
-def _to_device(x, device):
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x.to(device) if isinstance(x, torch.Tensor) else x
+        self.state = DecodeState.from_dict(map_tensors(lambda t: t.to(device), state))

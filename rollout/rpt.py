@@ -53,6 +53,20 @@ def pick(candidates: list[int], k: int, generator: torch.Generator) -> list[int]
     return sorted(candidates[i] for i in order.tolist())
 
 
+def choose_contexts(proxy, windows: torch.Tensor, rpt_cfg, rlp_cfg, generator: torch.Generator
+                    ) -> tuple[list[list[int]], list[list[int]]]:
+    """RPT's positions in windows [N, T+1]: up to rlp.positions_per_window per window among those
+    the proxy finds uncertain. Returns the contexts x_<t and the true continuations from x_t on (TARGET_TOKENS of them)."""
+    entropy = proxy_entropy(proxy, windows, rpt_cfg.entropy_top_k)
+    contexts, targets = [], []
+    for window, row in zip(windows.tolist(), entropy):
+        for t in pick(candidate_positions(row, rpt_cfg.entropy_threshold, rlp_cfg.min_context),
+                      rlp_cfg.positions_per_window, generator):
+            contexts.append(window[:t])
+            targets.append(window[t : t + TARGET_TOKENS])
+    return contexts, targets
+
+
 class RPTWorker(RolloutWorker):
     """A RolloutWorker whose positions come from the proxy's entropy and whose thoughts are RPT
     responses. Weights, generators and restarts work as for RLP (rollout/pool.py)."""
@@ -72,13 +86,7 @@ class RPTWorker(RolloutWorker):
         cfg, rpt = self.cfg, self.rpt
         out = Rollouts(version=self.version, samples=[], rewards=[])
         start = time.perf_counter()
-        entropy = proxy_entropy(self.proxy, windows, rpt.entropy_top_k)
-        contexts, targets = [], []
-        for window, row in zip(windows.tolist(), entropy):
-            for t in pick(candidate_positions(row, rpt.entropy_threshold, cfg.min_context), cfg.positions_per_window,
-                          self.generator):
-                contexts.append(window[:t])
-                targets.append(window[t : t + TARGET_TOKENS])
+        contexts, targets = choose_contexts(self.proxy, windows, rpt, cfg, self.generator)
         prompts = [c + [self.think_open] for c in contexts]
         groups = self.policy.generate(prompts, cfg.group_size, rpt.response_max_tokens, cfg.temperature, cfg.top_p,
                                       stop=[self.eos]) if prompts else []

@@ -20,9 +20,8 @@ import torch
 from transformers import TrainerCallback
 
 from rewards import rpt_prefix_match_trl
-from rollout.rpt import candidate_positions, pick, proxy_entropy
+from rollout.rpt import choose_contexts
 from rollout.tokens import token_bytes
-from rollout.worker import TARGET_TOKENS
 from training.trainer import build_optimizer
 
 
@@ -31,16 +30,10 @@ def rpt_prompts(tokenizer, proxy, windows: torch.Tensor, rpt_cfg, rlp_cfg, seed:
     prompt (text of x_<t and <think>) and target_token_texts (the bytes of each true next token)."""
     from datasets import Dataset
 
-    generator = torch.Generator().manual_seed(seed)
-    entropy = proxy_entropy(proxy, windows, rpt_cfg.entropy_top_k)
     think_open = tokenizer.convert_tokens_to_ids("<think>")
-    prompts, targets = [], []
-    for window, row in zip(windows.tolist(), entropy):
-        for t in pick(candidate_positions(row, rpt_cfg.entropy_threshold, rlp_cfg.min_context),
-                      rlp_cfg.positions_per_window, generator):
-            prompts.append(tokenizer.decode(window[:t] + [think_open]))
-            targets.append(token_bytes(tokenizer, window[t : t + TARGET_TOKENS]))
-    return Dataset.from_dict({"prompt": prompts, "target_token_texts": targets})
+    contexts, targets = choose_contexts(proxy, windows, rpt_cfg, rlp_cfg, torch.Generator().manual_seed(seed))
+    return Dataset.from_dict({"prompt": [tokenizer.decode(c + [think_open]) for c in contexts],
+                              "target_token_texts": [token_bytes(tokenizer, t) for t in targets]})
 
 
 def grpo_config(cfg, out_dir: str | Path, steps: int, prompts_per_step: int):

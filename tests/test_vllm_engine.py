@@ -212,8 +212,7 @@ def test_the_learner_trains_a_hugging_face_llama(base, tok, tmp_path):
 
 @pytest.mark.parametrize("settings, reason", [
     ({"num_attention_heads": 4}, r"head_dim=16.*at least 32"),
-    ({"mode": "ttt_e2e", "suffix_len": 2}, r"suffix_len=2.*one suffix block"),
-    ({"mode": "ttt_e2e", "ttt_update_during_decode": False}, r"ttt_update_during_decode=false"),
+    ({"mode": "ttt_e2e", "mini_batch_size": 8, "cms_chunk_sizes": [8, 16]}, r"continuum memory.*one fast MLP"),
 ])
 def test_what_vllm_cannot_serve_is_refused_naming_the_reason(tmp_path, settings, reason):
     config = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

@@ -8,23 +8,26 @@ found where the installed metadata predates the entry point.
 
 Two architecture names: TTT-E2E models are served as ARCH_TTT (a hybrid model with per-request
 state: vLLM sizes and schedules such models apart), full and sliding-window ones as ARCH (the
-name their config.json carries). The vLLM engine passes the override.
+name their config.json carries). The vLLM engine passes the override, and for TTT-E2E the
+scheduler SCHEDULER, which ends every request's step at its next chunk boundary.
 """
 
 ARCH = "PonderForCausalLM"
 ARCH_TTT = "PonderTTTForCausalLM"
+SCHEDULER = "rollout.vllm_plugin.scheduler.ChunkAlignedScheduler"
+# A request's SamplingParams.extra_args entry: where its context ends and sampled tokens begin
+# (default: its prompt's length). A TTT-E2E model with ttt_update_during_decode=false learns from
+# chunks of the context only.
+CONTEXT_END = "ponder_context_end"
 
 
 def unservable_reason(config, cuda: bool) -> str | None:
     """Why vLLM cannot serve a Ponder model with this PonderConfig (None: it can). `cuda`: on a GPU."""
     if config.head_dim < 32 and not cuda:
         return f"head_dim={config.head_dim}, and vLLM's CPU attention needs a head size of at least 32"
-    if config.is_ttt and config.suffix_len > 1:
-        return (f"suffix_len={config.suffix_len}; the vLLM model serves TTT-E2E with one suffix block (deeper "
-                "suffixes would recompute the later blocks' attention over the pending chunk)")
-    if config.is_ttt and not config.ttt_update_during_decode:
-        return ("ttt_update_during_decode=false; vLLM cannot tell the model where a context ends and sampled "
-                "tokens begin, so its fast weights learn from every chunk")
+    if config.is_ttt and config.num_levels > 1:
+        return (f"continuum memory (cms_chunk_sizes={config.cms_chunk_sizes}); the vLLM model serves TTT-E2E with "
+                "one fast MLP per suffix block")
     return None
 
 

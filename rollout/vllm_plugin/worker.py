@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from rollout.vllm_plugin import register
+from rollout.vllm_plugin import CONTEXT_END, register
 
 register()
 
@@ -45,3 +45,19 @@ class PonderWorkerExtension:
         for m in processors:
             base = m.__dict__.setdefault("_ponder_base_scale", m.scale)
             m.scale = base * factor
+
+    def ponder_follow_context_ends(self) -> None:
+        """Let the model read where each request's context ends (SamplingParams.extra_args'
+        CONTEXT_END, else the prompt's length), in the order of the requests of its forward: the
+        runner's batch order, which its attention metadata follows."""
+        runner = self.model_runner
+
+        def context_ends(num_requests: int) -> list[int]:
+            ends = []
+            for req_id in runner.input_batch.req_ids[:num_requests]:
+                request = runner.requests[req_id]
+                extra = (request.sampling_params.extra_args if request.sampling_params else None) or {}
+                ends.append(int(extra.get(CONTEXT_END, request.num_prompt_tokens)))
+            return ends
+
+        runner.get_model().context_ends = context_ends

@@ -1,11 +1,12 @@
 """vLLM serving Ponder's own models (rollout/vllm_plugin), against the torch engine and the Ponder
-forward on the same weights: full attention, sliding window, and TTT-E2E whose per-sequence fast
-weights learn from every chunk of mini_batch_size tokens inside vLLM.
+forward on the same weights: full attention, sliding window, and TTT-E2E with one and with two
+suffix blocks, whose per-sequence fast weights learn from every chunk of mini_batch_size tokens
+inside vLLM (or, with ttt_update_during_decode=false, from the context's chunks only).
 
 One vLLM engine per mode (each takes about half a minute to start on a CPU), all tests of a mode
 on it. Prompts cross several chunk and window boundaries, and the engines run with a small
-max_num_batched_tokens, so long prompts are read in prefill pieces that end inside chunks;
-prefix caching is on (the vLLM engine's default), and thoughts are sampled n at a time.
+max_num_batched_tokens, so long prompts are read in prefill pieces, which the token budget ends
+inside chunks (TTT-E2E's scheduler ends them at chunk boundaries at the latest); prefix caching is on (the vLLM engine's default), and thoughts are sampled n at a time.
 Measured differences of log-probs in float32: at most 2e-6; the tolerance is 1e-4.
 """
 

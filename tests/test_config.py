@@ -70,6 +70,7 @@ def test_vllm_engine_refuses_a_base_it_cannot_serve(tmp_path):
     # Without a base the pipeline pretrains a Ponder model, which vLLM may serve: checked at start.
     cfg = load_config(RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", ["rollout.engine=vllm"])
     PonderForCausalLM(PonderConfig(vocab_size=64, hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
-                                   intermediate_size=64, mode="ttt_e2e", suffix_len=2)).save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match=r"cannot serve .*suffix_len=2.*rollout\.engine=torch"):
+                                   intermediate_size=64, mode="ttt_e2e", mini_batch_size=8,
+                                   cms_chunk_sizes=[8, 16])).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"cannot serve .*continuum memory.*rollout\.engine=torch"):
         check_vllm_serves(tmp_path, cfg.model, None, cfg.ttt)

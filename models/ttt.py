@@ -170,9 +170,11 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
                 return torch.utils.checkpoint.checkpoint(chunk_step, *args, use_reentrant=False)
             return chunk_step(*args)
         with torch.enable_grad():  # inference still needs the inner gradient, nothing more
-            logits, fast, memory, kv = chunk_step(model, h_chunk, chunk_start, past_kv, _leaves(state.fast),
-                                                  state.memory, chunk_targets, False, False, update)
-        return logits.detach(), _detached(fast), map_tensors(torch.Tensor.detach, memory), [(k.detach(), v.detach()) for k, v in kv]
+            # Fast weights as fresh leaves that track gradients: inference needs the inner gradient only.
+            leaves = map_tensors(lambda w: w.detach().requires_grad_(), state.fast)
+            out = chunk_step(model, h_chunk, chunk_start, past_kv, leaves, state.memory, chunk_targets, False, False,
+                             update)
+        return map_tensors(torch.Tensor.detach, out)  # logits, fast weights, memory, keys/values
 
     logits = []
     i = 0
@@ -208,12 +210,3 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
 
 def _append(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=1)
-
-
-def _detached(fast: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-    return [[w.detach() for w in layer] for layer in fast]
-
-
-def _leaves(fast: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-    """Fast weights as fresh leaves that track gradients (inference needs the inner gradient only)."""
-    return [[w.detach().requires_grad_() for w in layer] for layer in fast]

@@ -30,7 +30,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from training.long_context import mean_beyond, mean_within  # noqa: E402
+from training.long_context import mean_loss  # noqa: E402
 from training.evaluate import wilson_interval  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 
@@ -205,8 +205,8 @@ def long_context_table(curves: dict[str, dict]) -> str:
         return ""
     first = next(iter(curves.values()))
     window, train = first["window"], first.get("train_window") or first["window"]
-    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{mean_within(c, window):.4f}</td>"
-                   f"<td>{mean_beyond(c, window):.4f}</td><td>{mean_beyond(c, train):.4f}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{mean_loss(c, end=window):.4f}</td>"
+                   f"<td>{mean_loss(c, window):.4f}</td><td>{mean_loss(c, train):.4f}</td></tr>"
                    for name, c in curves.items())
     return ("<h2>Long context</h2><table><tr><th>run</th><th>loss within the window (&lt; "
             f"{window})</th><th>beyond the window (&ge; {window})</th><th>beyond the training window (&ge; {train})"

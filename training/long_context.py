@@ -76,10 +76,10 @@ def write_curves(path: str | Path, curves: dict[str, dict]) -> Path:
     return path
 
 
-def mean_beyond(curve: dict, start: int) -> float:
-    """Mean loss over the positions >= start (e.g. beyond the sliding window)."""
-    xs, ys = curve["positions"], curve["loss"]
-    pairs = [(b - a, y) for (a, b), y in zip(xs, ys) if a >= start]
+def mean_loss(curve: dict, start: int = 0, end: float = math.inf) -> float:
+    """Mean loss over the positions in [start, end) (buckets wholly inside), e.g. beyond the
+    sliding window (start=W) or within it (end=W)."""
+    pairs = [(b - a, y) for (a, b), y in zip(curve["positions"], curve["loss"]) if a >= start and b <= end]
     weight = sum(w for w, _ in pairs)
     return sum(w * y for w, y in pairs) / weight if weight else math.nan
 
@@ -175,14 +175,7 @@ def run_long_context(cfg) -> dict[str, dict]:
     W = cfg.model.sliding_window
     for name, c in curves.items():
         arm = name.split(" ")[0]
-        print(f"{name:>16}: {params[arm] / 1e6:.3f}M params; mean loss within the window {mean_within(c, W):.4f}, "
-              f"beyond it {mean_beyond(c, W):.4f}, beyond the training window {mean_beyond(c, cfg.data.seq_len):.4f}")
+        print(f"{name:>16}: {params[arm] / 1e6:.3f}M params; mean loss within the window {mean_loss(c, end=W):.4f}, "
+              f"beyond it {mean_loss(c, W):.4f}, beyond the training window {mean_loss(c, cfg.data.seq_len):.4f}")
     print(f"curves in {path}; the dashboard: python pipelines/report.py {out}")
     return curves
-
-
-def mean_within(curve: dict, end: int) -> float:
-    """Mean loss over the positions < end."""
-    pairs = [(b - a, y) for (a, b), y in zip(curve["positions"], curve["loss"]) if b <= end]
-    weight = sum(w for w, _ in pairs)
-    return sum(w * y for w, y in pairs) / weight if weight else math.nan

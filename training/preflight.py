@@ -4,7 +4,6 @@ whose one line names the thing that is wrong and what would be right."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 

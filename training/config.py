@@ -152,6 +152,12 @@ class TTTConfig:
     carry_backprop_windows: int = non_negative(0)
     carry_stream_windows: int = positive(8)  # a multiple of carry_backprop_windows
 
+    @property
+    def windows_per_step(self) -> int:
+        """Consecutive windows every batch row reads per optimiser step (1 unless training through
+        the carried state)."""
+        return max(1, self.carry_backprop_windows)
+
 
 # Short documents whose answer is hard to predict without working it out. gsm_symbolic (GSM8K
 # word problems) carries a worked solution (metadata["answer_cot"]); the others carry none:

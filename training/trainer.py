@@ -89,8 +89,8 @@ class Trainer:
         self.prior = prior_counters or {}
         self.flops_per_token = model.flops_per_token(loader.seq_len)
         self.is_ttt = model.config.is_ttt
-        self.slow_params = [p for name, p in model.named_parameters()
-                            if ".fast_mlp." not in name and ".memory_mlps." not in name]
+        fast = {id(p) for block in model.blocks for level in block.fast_levels() for p in level.parameters()}
+        self.slow_params = [p for p in model.parameters() if id(p) not in fast]  # all but the fast MLPs' W_0
         self.boundary_id = model.config.eos_token_id if cfg.data.mask_boundary_targets else None
         if self.is_ttt:
             self.model.inner_lr = self.inner_lr_at(0)
@@ -250,10 +250,10 @@ def run_pretraining(cfg: PretrainConfig, data: PreparedData, run_dir: Path, devi
     print(f"model: {name} ({model.config.mode}), {model.num_params() / 1e6:.2f}M parameters; "
           f"data: {len(data.train_windows)} train / {len(data.heldout_windows)} held-out windows of "
           f"{cfg.data.seq_len} tokens; device: {device}")
-    carry = cfg.ttt.carry_backprop_windows
     try:
         loader = WindowLoader(data.train_windows, cfg.train.batch_size, cfg.seed, thought_mask=data.train_thought_mask,
-                              stream_windows=cfg.ttt.carry_stream_windows if carry else 0, windows_per_step=carry or 1)
+                              stream_windows=cfg.ttt.carry_stream_windows if cfg.ttt.carry_backprop_windows else 0,
+                              windows_per_step=cfg.ttt.windows_per_step)
     except ValueError as e:
         raise ConfigError(f"train.batch_size: {e}; lower it (or ttt.carry_stream_windows) or give more data") from None
     task_eval = None
@@ -278,7 +278,7 @@ def with_data_token_budget(cfg: PretrainConfig, data: PreparedData) -> PretrainC
     """cfg with train.steps set so the run consumes train.data_tokens corpus tokens (a TPT
     window holds fewer of them: its appended thinking is counted apart)."""
     thought_frac = 0.0 if data.train_thought_mask is None else data.train_thought_mask[:, 1:].float().mean().item()
-    per_step = cfg.train.batch_size * max(1, cfg.ttt.carry_backprop_windows) * cfg.data.seq_len * (1 - thought_frac)
+    per_step = cfg.train.batch_size * cfg.ttt.windows_per_step * cfg.data.seq_len * (1 - thought_frac)
     steps = max(1, math.ceil(cfg.train.data_tokens / per_step))
     optim = dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps))
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps), optim=optim)

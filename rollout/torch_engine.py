@@ -65,6 +65,15 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
 
+def indices_by_length(sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The indices of `sequences`, grouped by sequence length (each group in order): what one
+    batched prefill can read together."""
+    groups: dict[int, list[int]] = {}
+    for i, seq in enumerate(sequences):
+        groups.setdefault(len(seq), []).append(i)
+    return list(groups.values())
+
+
 class CacheState:
     """A Hugging Face causal LM's decoding state (its KV cache), shaped like Ponder's DecodeState
     where the engine touches it: `expand` copies every sequence to n rows."""
@@ -125,10 +134,7 @@ class TorchEngine:
         """n samples per prompt, until a stop token (kept) or max_new_tokens. Prompts of one length
         go through together: one prefill of B prompts, one decode batch of B·n rows."""
         results: list[list[Generation] | None] = [None] * len(prompts)
-        by_length: dict[int, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            by_length.setdefault(len(prompt), []).append(i)
-        for rows in by_length.values():
+        for rows in indices_by_length(prompts):
             for i, generations in zip(rows, self._generate_batch([prompts[i] for i in rows], n, max_new_tokens,
                                                                  temperature, top_p, stop)):
                 results[i] = generations
@@ -167,13 +173,10 @@ class TorchEngine:
         the logits after a row's </think> score next_token with that thought. Contexts of one
         length go through together: one prefill of B contexts, one decode batch of B·n rows
         (each row its own state, TTT-E2E's fast weights included). Groups in the order given."""
-        groups: list[ThoughtGroup | None] = [None] * len(contexts)
-        by_length: dict[int, list[int]] = {}
-        for i, context in enumerate(contexts):
-            by_length.setdefault(len(context), []).append(i)
         if len(next_tokens) != len(contexts):
             raise ValueError(f"{len(contexts)} contexts but {len(next_tokens)} next tokens")
-        for rows in by_length.values():
+        groups: list[ThoughtGroup | None] = [None] * len(contexts)
+        for rows in indices_by_length(contexts):
             batch = self._think_batch([contexts[i] for i in rows], [next_tokens[i] for i in rows], n, max_new_tokens,
                                       temperature, top_p, think_open, think_close)
             for i, group in zip(rows, batch):

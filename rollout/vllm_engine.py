@@ -125,7 +125,8 @@ class VLLMEngine:
         default), so π_old and π_θ agree to ~1e-6; "bfloat16" is faster on a GPU, at log-prob
         differences of ~1e-2 (vLLM's "auto" casts a float32 checkpoint down too). llm_kwargs go
         to vllm.LLM (e.g. gpu_memory_utilization, enforce_eager, tensor_parallel_size)."""
-        needs = check_servable(model_dir)
+        config = ponder_config(model_dir)
+        needs = {} if config is None else servable_overrides(config, str(model_dir))
         try:
             from vllm import LLM
         except ImportError as e:
@@ -154,7 +155,6 @@ class VLLMEngine:
         self.version = 0
         self._logit_scale = 1.0
         # A TTT-E2E model that learns from contexts only is told where each request's context ends.
-        config = ponder_config(model_dir)
         self._marks_context_ends = config is not None and config.is_ttt and not config.ttt_update_during_decode
         if self._marks_context_ends:
             self.llm.collective_rpc("ponder_follow_context_ends")

@@ -2,9 +2,12 @@
 with each, next to a plain sliding-window pretraining step of the same size and context, then
 every kernel alone (forward + backward + double backward, as the meta-gradient runs it).
 
-Ratios are to the plain step (time and peak memory, torch.cuda.max_memory_allocated above what
-the model, optimiser and batch hold). The goal is a meta-learning step within 1.5x of the plain
-one; the paper reports 3.4x at 8K context with materialised attention in the suffix.
+Ratios are to the plain step (time, peak memory above what the model, optimiser and batch hold,
+and ops dispatched per step). Every step variant runs in its own process, so one variant's memory
+never counts against the next. The goals on an H200 at the 125M shape: a meta-learning step within
+2.0x of the plain one at batch 1 and 1.5x at batch 4; the paper reports 3.4x at 8K context with
+materialised attention in the suffix. "+ graph": forward and backward replayed from a CUDA graph
+(training/cuda_graph.py, train.cuda_graphs=true).
 
 On CUDA the defaults are 8K context, a 125M-shaped model, bf16 autocast. Without CUDA the same
 script runs tiny shapes on CPU through the Triton interpreter (TRITON_INTERPRET=1, set here before
@@ -17,6 +20,7 @@ Triton is imported): that checks it runs end to end; its timings mean nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,22 +33,30 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import timeit  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from bench.common import count_ops, gpu_busy, run_isolated, timeit  # noqa: E402
 from kernels.attention import sliding_window_attention_reference  # noqa: E402
 from kernels.linear_ce import linear_cross_entropy as linear_ce_torch  # noqa: E402
 from kernels.swiglu import swiglu as swiglu_torch  # noqa: E402
 from models import PonderConfig, PonderForCausalLM  # noqa: E402
 from models.ttt import clip_by_global_norm  # noqa: E402
+from training.cuda_graph import GraphedStep  # noqa: E402
 
 GPU_SHAPES = dict(seq=8192, window=8192, chunk=1024, batch=1, hidden=768, layers=12, heads=12, mlp=2048,
                   vocab=32000, repeats=3)
-CPU_SHAPES = dict(seq=16, window=8, chunk=4, batch=2, hidden=32, layers=4, heads=2, mlp=64, vocab=64, repeats=1)
+# The GPU shape's structure (12 layers, 3 in the suffix, 8 chunks, batch 1) at tiny widths: its op counts
+# are the GPU step's, checked without a GPU.
+CPU_SHAPES = dict(seq=64, window=64, chunk=8, batch=1, hidden=32, layers=12, heads=2, mlp=64, vocab=64, repeats=1)
 
 STEP_VARIANTS = {
     "plain swa (SDPA)": dict(mode="swa", kernels="torch"),
     "ttt-e2e 2nd order, torch": dict(mode="ttt_e2e", kernels="torch"),
     "ttt-e2e 2nd order, triton": dict(mode="ttt_e2e", kernels="triton"),
+    "ttt-e2e 2nd order, triton + graph": dict(mode="ttt_e2e", kernels="triton", cuda_graph=True),
+    "plain swa (SDPA) + graph": dict(mode="swa", kernels="torch", cuda_graph=True),
 }
+BASELINE = "plain swa (SDPA)"
 
 
 def peak_mb(device: torch.device, before: float) -> float | None:
@@ -91,27 +103,47 @@ def measure(fn, device, repeats) -> dict:
 
 
 def train_step(args, device, variant: dict) -> dict:
+    """One variant's step: time, peak memory, ops dispatched, and on CUDA the GPU's busy share."""
+    variant = dict(variant)
+    graphed = variant.pop("cuda_graph", False)
     torch.manual_seed(0)
     cfg = PonderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, intermediate_size=args.mlp, sliding_window=args.window,
                        mini_batch_size=args.chunk, max_position_embeddings=max(args.seq, 8192), **variant)
     model = PonderForCausalLM(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
 
-    def loss():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return model(x[:, :-1], targets=x[:, 1:]).loss
+    def loss_and_logits(batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=not graphed):
+            out = model(batch[:, :-1], targets=batch[:, 1:])
+        return out.loss, out.logits
+
+    if graphed:
+        forward_backward = GraphedStep(loss_and_logits, list(model.parameters()))
+    else:
+        def forward_backward(batch):
+            loss_and_logits(batch)[0].backward()
 
     def step():
-        loss().backward()
+        forward_backward(x)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     result = measure(step, device, args.repeats)
-    if not result.get("oom"):
-        result["graph_mb"] = graph_mb(loss)
-    del model, opt
+    if result.get("oom"):
+        return result
+    result["graph_mb"] = graph_mb(lambda: loss_and_logits(x))
+    result["graph_fallback"] = forward_backward.eager_reason if graphed else None
+
+    def eager_step():
+        loss_and_logits(x)[0].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    result["ops"] = count_ops(eager_step)  # the same ops whether replayed from a graph or not
+    if device.type == "cuda":
+        result.update(gpu_busy(step))
     return result
 
 
@@ -187,27 +219,37 @@ def ratio(a, b):
 
 
 def print_steps(args, device, where) -> None:
-    steps = {name: train_step(args, device, variant) for name, variant in STEP_VARIANTS.items()}
-    base = steps["plain swa (SDPA)"]
+    steps = {}
+    for name in tqdm(STEP_VARIANTS, desc="training steps, each in its own process"):
+        steps[name] = run_isolated(__file__, sys.argv[1:] + ["--one", name])
+    base = steps[BASELINE]
     print(f"\none training step ({where})")
     print(f"batch {args.batch} x {args.seq} tokens, d={args.hidden}, {args.layers} layers ({max(1, args.layers // 4)} "
           f"suffix), {args.heads} heads, vocab {args.vocab}, window {args.window}, chunk {args.chunk}")
-    print("(peak MB: above what model, optimiser state and batch hold, CUDA only; graph MB: what the loss's "
-          "autograd graph keeps)")
-    print(f"{'variant':>27} | {'step':>9} | {'vs plain':>8} | {'peak MB':>8} | {'vs plain':>8} | "
-          f"{'graph MB':>9} | {'vs plain':>8}")
+    print("(peak MB: above what model, optimiser state and batch hold, CUDA only; ops: torch ops that compute plus "
+          "Triton launches, dispatched per step on any device; GPU kernels and busy: torch.profiler, CUDA only)")
+    print(f"{'variant':>34} | {'step':>9} | {'vs plain':>8} | {'peak MB':>8} | {'vs plain':>8} | {'ops':>6} | "
+          f"{'vs plain':>8} | {'GPU kernels':>11} | {'busy':>5}")
     for name, r in steps.items():
         if r.get("oom"):
-            print(f"{name:>27} | {'OOM':>9} |")
+            print(f"{name:>34} | {'OOM':>9} |")
             continue
-        print(f"{name:>27} | {fmt(r['seconds'], '8.3f', 's')} | {ratio(r['seconds'], base['seconds']):>8} | "
-              f"{fmt(r['peak_mb'], '8.0f'):>8} | {ratio(r['peak_mb'], base['peak_mb']):>8} | "
-              f"{fmt(r['graph_mb'], '9.2f'):>9} | {ratio(r['graph_mb'], base.get('graph_mb')):>8}")
-    tri, ref = steps["ttt-e2e 2nd order, triton"], steps["ttt-e2e 2nd order, torch"]
-    if tri.get("seconds") and base.get("seconds"):
-        print(f"meta-learning / plain: {tri['seconds'] / base['seconds']:.2f}x with Triton kernels "
-              f"(goal <= 1.5x; paper 3.4x)" + (f", {ref['seconds'] / base['seconds']:.2f}x on the torch path"
-                                               if ref.get("seconds") else ""))
+        ops = r["ops"]["total"]
+        busy = r.get("busy_share")
+        print(f"{name:>34} | {fmt(r['seconds'], '8.3f', 's')} | {ratio(r['seconds'], base['seconds']):>8} | "
+              f"{fmt(r['peak_mb'], '8.0f'):>8} | {ratio(r['peak_mb'], base['peak_mb']):>8} | {ops:>6} | "
+              f"{ratio(ops, base['ops']['total']):>8} | {fmt(r.get('gpu_kernels'), 'd'):>11} | "
+              f"{fmt(busy and busy * 100, '4.0f', '%'):>5}")
+        if r.get("graph_fallback"):
+            print(f"{'':>34}   (ran eagerly: {r['graph_fallback']})")
+    def vs(a, b):
+        ta, tb = steps[a].get("seconds"), steps[b].get("seconds")
+        return f"{ta / tb:.2f}x" if ta and tb else "-"
+
+    print(f"meta-learning / plain: {vs('ttt-e2e 2nd order, triton', BASELINE)} eager; "
+          f"{vs('ttt-e2e 2nd order, triton + graph', BASELINE)} graphed against plain eager; "
+          f"{vs('ttt-e2e 2nd order, triton + graph', 'plain swa (SDPA) + graph')} both graphed "
+          f"(goal <= 2.0x at batch 1, <= 1.5x at batch 4; paper 3.4x)")
 
 
 def print_ops(args, device) -> None:
@@ -231,8 +273,12 @@ def main() -> None:
         p.add_argument(f"--{name}", type=int, default=value)
     p.add_argument("--skip-ops", action="store_true", help="only the training steps")
     p.add_argument("--skip-steps", action="store_true", help="only the kernels alone")
+    p.add_argument("--one", metavar="VARIANT", help=argparse.SUPPRESS)  # one step variant, in this process
     args = p.parse_args()
     device = torch.device("cuda" if ON_GPU else "cpu")
+    if args.one:
+        print(json.dumps(train_step(args, device, STEP_VARIANTS[args.one])))
+        return
     where = (f"{torch.cuda.get_device_name()}, bf16 autocast" if ON_GPU
              else "CPU, Triton interpreter: checks that it runs; timings mean nothing")
 

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from bench.common import add_model_args, build_model, memory_mb, peak_memory_mb, run_isolated, timeit  # noqa: E402
+from bench.common import (add_model_args, build_model, count_ops, memory_mb, peak_memory_mb, run_isolated,  # noqa: E402
+                          timeit)
 
 VARIANTS = {
     "plain swa": dict(mode="swa"),
@@ -34,7 +35,7 @@ VARIANTS = {
 def one(args, variant: str, seq: int) -> dict:
     device = torch.device(args.device)
     model = build_model(args, **VARIANTS[variant])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     x = torch.randint(0, args.vocab, (args.batch, seq + 1), device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -49,7 +50,8 @@ def one(args, variant: str, seq: int) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = timeit(step, device, repeats=args.repeats)
-    return {"seconds": seconds, "peak_mb": peak_memory_mb(device) - before, "params": model.num_params()}
+    peak = peak_memory_mb(device) - before
+    return {"seconds": seconds, "peak_mb": peak, "params": model.num_params(), "ops": count_ops(step)["total"]}
 
 
 def main() -> None:
@@ -75,12 +77,14 @@ def main() -> None:
     base = results["plain swa", args.seq]
     print(f"\none training step ({args.device}; batch {args.batch} x {args.seq} tokens, d={args.hidden}, "
           f"{args.layers} layers, window {args.window}, chunk {args.chunk})")
-    print("(peak MB: the step's peak memory above what the model, optimiser state and batch hold)")
-    print(f"{'variant':>27} | {'step':>9} | {'vs plain':>8} | {'peak MB':>8} | {'vs plain':>8}")
+    print("(peak MB: the step's peak memory above what the model, optimiser state and batch hold; ops: torch ops "
+          "that compute plus Triton launches, dispatched per step)")
+    print(f"{'variant':>27} | {'step':>9} | {'vs plain':>8} | {'peak MB':>8} | {'vs plain':>8} | {'ops':>6} | {'vs plain':>8}")
     for variant in VARIANTS:
         r = results[variant, args.seq]
         print(f"{variant:>27} | {r['seconds']:8.3f}s | {r['seconds'] / base['seconds']:7.2f}x | "
-              f"{r['peak_mb']:8.0f} | {r['peak_mb'] / base['peak_mb']:7.2f}x")
+              f"{r['peak_mb']:8.0f} | {r['peak_mb'] / base['peak_mb']:7.2f}x | {r['ops']:6d} | "
+              f"{r['ops'] / base['ops']:7.2f}x")
     print("\npeak memory (MB) against sequence length, TTT-E2E second order")
     print(f"{'seq':>6} | {'keep activations':>16} | {'recompute per chunk':>19}")
     for seq in args.memory_seqs:

@@ -157,6 +157,9 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
 
     # The inner loop's target of every position: the caller's (masks included), else the next
     # input, the last of which arrives with the next call.
+    # (Given targets are all known: nothing then waits on the host, so a training step can be
+    # captured in a CUDA graph.)
+    last_known = targets is not None
     if targets is None:
         targets = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], UNKNOWN)], dim=1)
     state.resolve_pending_target(input_ids[:, :1])
@@ -190,7 +193,7 @@ def ttt_forward(model, input_ids: torch.Tensor, targets: torch.Tensor | None, st
         if state.pending_len == 0:
             state.chunk_start = start + i
         j = min(T, i + b - state.pending_len)
-        if state.pending_len == 0 and j - i == b and not (targets[:, j - 1] == UNKNOWN).any():
+        if state.pending_len == 0 and j - i == b and (last_known or j < T or not (targets[:, j - 1] == UNKNOWN).any()):
             # A whole chunk whose last target is known: predict and learn from it in one go
             # (not the final chunk of a call nobody continues: those weights would go unused).
             learn = state.learn and (j < T or continued)

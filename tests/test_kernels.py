@@ -1,23 +1,19 @@
-"""Ponder's Triton kernels against their torch references, on CPU through the Triton interpreter.
+"""Ponder's Triton kernels against their torch references: compiled on the GPU where there is one,
+else on CPU through the Triton interpreter (tests/kernel_checks.py says how each op is checked).
 
-Every op is checked on fresh random inputs at three orders: the output, the first derivatives
-(against torch autograd of the reference) and the second derivatives (a random linear function
-of the first derivatives, built with create_graph=True, differentiated again). Errors are
-relative, rel = ‖out - ref‖ / ‖ref‖, with the tolerance written beside each dtype. Every buffer a
-kernel should fill starts as NaN, so an element it skips fails the test. Shapes are small and
-tiles big (the interpreter's cost is programs × loop iterations), except where a test sets small
-tiles to cross tile edges on purpose. `pytest -s` prints every measured error.
+Every buffer a kernel should fill starts as NaN, so an element it skips fails the test. Shapes are
+small and tiles big (the interpreter's cost is programs × loop iterations), except where a test
+sets small tiles to cross tile edges on purpose. `pytest -s` prints every measured error.
 """
 
 import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: kernels run on CPU through NumPy
-
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from tests.kernel_checks import DEVICE, assert_close, check_three_orders, leaf, use_device  # noqa: I001  (first: picks the interpreter)
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -35,55 +31,13 @@ from models import PonderConfig, PonderForCausalLM  # noqa: E402
 from models.ttt import clip_by_global_norm  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
-# Relative-error tolerances. float32 second derivatives sum many products of first-order terms,
-# so they get a wider bound than the outputs.
-TOL = {torch.float32: (1e-5, 2e-5, 5e-5), torch.float64: (1e-12, 1e-12, 1e-11)}
-
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(triton_utils, "POISON_OUTPUTS", True)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    denom = ref.norm()
-    return float((out - ref).norm() / denom) if denom > 0 else float(out.norm())
-
-
-def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
-    assert out.shape == ref.shape, (name, out.shape, ref.shape)
-    rel = rel_err(out, ref)
-    print(f"{name:<48} rel {rel:.1e}  (tol {tol:.0e})")
-    assert rel < tol, f"{name}: relative error {rel:.3e} >= {tol:.0e}"
-
-
-def check_three_orders(name, fn, ref_fn, inputs, dtype, order3=False):
-    """fn(*inputs) against ref_fn(*inputs): output, gradients, and gradients of gradients."""
-    tol_out, tol_d1, tol_d2 = TOL[dtype]
-    out, ref = fn(*inputs), ref_fn(*inputs)
-    assert_close(f"{name} [{dtype}] out", out, ref, tol_out)
-
-    cot = torch.randn_like(ref)
-    d1 = torch.autograd.grad(out, inputs, cot, create_graph=True, materialize_grads=True)
-    d1_ref = torch.autograd.grad(ref, inputs, cot, create_graph=True, materialize_grads=True)
-    for i, (a, b) in enumerate(zip(d1, d1_ref)):
-        assert_close(f"{name} [{dtype}] d/d input{i}", a, b, tol_d1)
-
-    cots = [torch.randn_like(g) for g in d1_ref]
-    inner = [(a * c).sum() for a, c in zip(d1, cots) if a.requires_grad]
-    inner_ref = [(b * c).sum() for b, c in zip(d1_ref, cots) if b.requires_grad]
-    assert len(inner) == len(inner_ref) and inner, "no first derivative depends on the inputs"
-    d2 = torch.autograd.grad(sum(inner), inputs, materialize_grads=True)
-    d2_ref = torch.autograd.grad(sum(inner_ref), inputs, materialize_grads=True)
-    for i, (a, b) in enumerate(zip(d2, d2_ref)):
-        assert_close(f"{name} [{dtype}] d2/d input{i}", a, b, tol_d2)
-
-
-def leaf(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, dtype=dtype) * scale).requires_grad_()
+on_device = pytest.fixture(autouse=True)(use_device)
 
 
 # ----------------------------------------------------------------------------- batched matmul
@@ -319,8 +273,10 @@ def test_kernels_setting_is_validated_and_resolved():
     assert PonderConfig().kernels == "auto"
     assert resolve_backend("auto", "cpu") == "torch"
     assert resolve_backend("torch", "cpu") == "torch"
-    assert resolve_backend("triton", "cpu") == "triton"  # the interpreter is on in this module
-    assert backend.interpreting()
+    if DEVICE == "cpu":  # the interpreter is on in this module
+        assert resolve_backend("triton", "cpu") == "triton" and backend.interpreting()
+    else:
+        assert resolve_backend("auto", DEVICE) == "triton" and not backend.interpreting()
 
 
 def test_default_cpu_path_loads_no_triton_kernel():

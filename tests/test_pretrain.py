@@ -59,6 +59,22 @@ def test_ttt_e2e_meta_learning_run(tmp_path, cache):
     assert len(last["eval/loss_by_position"]) == 8
 
 
+def test_cuda_graphs_setting_trains_as_eager(tmp_path, cache):
+    """train.cuda_graphs=true gives eager training's losses: replayed on a GPU, run eagerly (said
+    once) without one."""
+    ttt = ["model.mode=ttt_e2e", "model.mini_batch_size=16", "model.sliding_window=16", "model.num_hidden_layers=4",
+           "train.steps=6", "train.eval_every=6", "train.log_every=1", "ttt.inner_lr_warmup=0.5"]
+    if torch.cuda.is_available():
+        ttt.append("device=cuda")
+    losses = {}
+    for graphs in ("false", "true"):
+        pretrain.main(small_run(tmp_path, cache, *ttt, f"train.cuda_graphs={graphs}", f"run_name=graphs_{graphs}"))
+        records = read_metrics(tmp_path / f"graphs_{graphs}" / "metrics.jsonl")
+        losses[graphs] = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses["true"]) == 6
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+
+
 def test_resume_after_kill_continues_with_same_data_order(tmp_path, cache, monkeypatch):
     args = small_run(tmp_path, cache, "train.steps=16", "train.save_every=8", "train.eval_every=8", "train.log_every=1")
     pretrain.main(args + ["run_name=whole"])

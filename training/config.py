@@ -225,6 +225,9 @@ class LoopConfig:
     # > 0: also answer after a greedy thought of at most this many tokens (eval/*_think)
     task_think_tokens: int = non_negative(0)
     save_every: int = positive(100)
+    # true: capture each training step's forward and backward as a CUDA graph and replay it (fixed
+    # shapes; CUDA only; any step that cannot be captured runs eagerly, said once)
+    cuda_graphs: bool = False
 
 
 @dataclass

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from training.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, save_model, set_rng_state
 from training.carry import CarriedState
 from training.config import ConfigError, OptimConfig, PretrainConfig, check_carry_backprop
+from training.cuda_graph import GraphedStep
 from training.data import PreparedData, WindowLoader, split_window
 from training.evaluate import TaskAccuracy, heldout_bpb
 from training.metrics import MetricsLogger, base_counters
@@ -96,6 +97,12 @@ class Trainer:
             self.model.inner_lr = self.inner_lr_at(0)
         self.carried = CarriedState(self.model, self.boundary_id) if cfg.ttt.carry_backprop_windows else None
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+        self.graphed = None
+        if cfg.train.cuda_graphs:
+            unsupported = "carried state (ttt.carry_backprop_windows) changes the graph every step" if self.carried else None
+            self.graphed = GraphedStep(self.graphed_loss, list(self.model.parameters()), unsupported)
+            if self.is_ttt and not unsupported and device.type == "cuda":  # a tensor the graph reads, so the warmup of the inner lr reaches replays
+                self.model.inner_lr = torch.tensor(float(self.model.inner_lr), device=device)
 
     # ---------------------------------------------------------------------------------- steps
     def lr_at(self, step: int) -> float:
@@ -118,9 +125,16 @@ class Trainer:
             group["lr"] = lr
         extra = {}
         if self.is_ttt:
-            self.model.inner_lr = extra["ttt/ilr"] = self.inner_lr_at(self.step)
-        with self.autocast:
-            loss, logits, targets = self.forward(batch, new_streams)
+            extra["ttt/ilr"] = self.inner_lr_at(self.step)
+            if isinstance(self.model.inner_lr, torch.Tensor):
+                self.model.inner_lr.fill_(extra["ttt/ilr"])
+            else:
+                self.model.inner_lr = extra["ttt/ilr"]
+        if self.graphed is not None and self.graphed.eager_reason is None:
+            (loss, logits), targets = self.graphed(batch), split_window(batch, self.boundary_id)[1]
+        else:
+            with self.autocast:
+                loss, logits, targets = self.forward(batch, new_streams)
         if self.is_ttt:
             extra.update(inner_loss_first_last(logits.detach(), targets, self.model.config.mini_batch_size))
         self.tokens_data += batch[..., 1:].numel() - thought_tokens
@@ -135,7 +149,8 @@ class Trainer:
             if self.carried is not None:  # the state is likely no better: the rows read on from a fresh one
                 self.carried.reset()
             return {"train/loss": float("nan"), "train/skipped_steps": self.skipped_steps, "skipped": True}
-        loss.backward()
+        if loss.requires_grad:  # the graphed step has run its backward already
+            loss.backward()
         if self.step < self.cfg.ttt.freeze_slow_steps:  # AdamW leaves a parameter without a gradient alone
             for p in self.slow_params:
                 p.grad = None
@@ -158,6 +173,15 @@ class Trainer:
         inputs, targets = split_window(batch, self.boundary_id)
         out = self.model(inputs, targets=targets)
         return out.loss, out.logits, targets
+
+    def graphed_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and logits of a batch, as GraphedStep captures them (autocast's cast cache would
+        keep casts from the capture that replays never refresh)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16",
+                            cache_enabled=False):
+            inputs, targets = split_window(batch, self.boundary_id)
+            out = self.model(inputs, targets=targets)
+        return out.loss, out.logits
 
     def evaluate(self) -> dict[str, float]:
         with self.autocast:

@@ -210,6 +210,30 @@ def op_cases(args, device):
     ]
 
 
+def print_parity(args, device) -> None:
+    """The meta-learning step's loss and gradient with Triton kernels against the torch path, in the
+    precision the bench trains in (bf16 autocast on CUDA)."""
+    runs = {}
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        cfg = PonderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                           num_attention_heads=args.heads, intermediate_size=args.mlp, sliding_window=args.window,
+                           mini_batch_size=args.chunk, max_position_embeddings=max(args.seq, 8192), mode="ttt_e2e",
+                           kernels=kernels)
+        model = PonderForCausalLM(cfg).to(device)
+        x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(1)).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(x[:, :-1], targets=x[:, 1:]).loss
+        loss.backward()
+        runs[kernels] = loss.detach().double(), torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+        del model
+    (loss_r, grad_r), (loss_t, grad_t) = runs["torch"], runs["triton"]
+    rel = float((grad_t - grad_r).norm() / grad_r.norm())
+    cos = float(grad_t @ grad_r / (grad_t.norm() * grad_r.norm()))
+    print(f"\nparity, triton against torch ({'bf16 autocast' if device.type == 'cuda' else 'float32'}): loss rel "
+          f"{float((loss_t - loss_r).abs() / loss_r.abs()):.1e}, meta-gradient rel {rel:.1e} (cosine {cos:.5f})")
+
+
 def fmt(x, spec, unit=""):
     return "-" if x is None else f"{x:{spec}}{unit}"
 
@@ -271,8 +295,9 @@ def main() -> None:
     defaults = GPU_SHAPES if ON_GPU else CPU_SHAPES
     for name, value in defaults.items():
         p.add_argument(f"--{name}", type=int, default=value)
-    p.add_argument("--skip-ops", action="store_true", help="only the training steps")
-    p.add_argument("--skip-steps", action="store_true", help="only the kernels alone")
+    p.add_argument("--skip-ops", action="store_true", help="leave out the kernels alone")
+    p.add_argument("--skip-steps", action="store_true", help="leave out the training steps")
+    p.add_argument("--skip-parity", action="store_true", help="leave out the Triton/torch parity")
     p.add_argument("--one", metavar="VARIANT", help=argparse.SUPPRESS)  # one step variant, in this process
     args = p.parse_args()
     device = torch.device("cuda" if ON_GPU else "cpu")
@@ -286,6 +311,8 @@ def main() -> None:
         print_steps(args, device, where)
     if not args.skip_ops:
         print_ops(args, device)
+    if not args.skip_parity:
+        print_parity(args, device)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 engine, vLLM and Hugging Face `generate`, measured side by side on the same prompts.
 
 vLLM and `generate` run one randomly initialised Llama; the torch engine decodes only Ponder
-models, so it runs a Ponder model of the same shape (full attention, same width, depth, heads and
-vocabulary). Each variant does what `think` does: G thoughts sampled after each context + <think>
+models, so it runs a Ponder model of the same shape (--mode full by default: same width, depth, heads
+and vocabulary), with its fixed-buffer decoder (CUDA graphs on a GPU) and without. Each variant does what `think` does: G thoughts sampled after each context + <think>
 with their log-probs (a thought ends at </think> or after --thought tokens), then x_t scored after
 every thought and after every bare context (`generate` is followed by one batched forward).
 Scoring alone: the Llama through the torch engine's `score` (one batched forward) and vLLM's
@@ -47,7 +47,8 @@ def ponder(args):
     torch.manual_seed(0)
     return PonderForCausalLM(PonderConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, intermediate_size=args.hidden * 3, mode="full")).eval()
+        num_attention_heads=args.heads, intermediate_size=args.hidden * 3, mode=args.mode,
+        sliding_window=args.window, mini_batch_size=args.chunk)).eval()
 
 
 @torch.no_grad()
@@ -93,7 +94,8 @@ def main(args) -> None:
                  think_open=THINK_OPEN, think_close=THINK_CLOSE)
 
     hf_model = llama(args).to(device)
-    torch_engine = TorchEngine(ponder(args), device, seed=0)
+    torch_engine = TorchEngine(ponder(args), device, seed=0, cuda_graphs=True)  # fixed buffers; graphs on a GPU
+    eager_engine = TorchEngine(torch_engine.model, device, seed=0, cuda_graphs=False)
     hf_scorer = TorchEngine(hf_model, device)  # its `score` is one batched forward of any causal LM
     vllm_engine = None
     if not args.no_vllm:
@@ -110,9 +112,15 @@ def main(args) -> None:
     def one_context_at_a_time():
         return sum(thought_tokens(torch_engine.think([c], [x], **think)) for c, x in zip(contexts, next_tokens))
 
-    rows = {
-        "torch engine (Ponder, same shape)":
-            tokens_per_s(lambda: thought_tokens(torch_engine.think(contexts, next_tokens, **think))),
+    graphed = "CUDA graphs" if device.type == "cuda" else "fixed buffers"
+    rows = {f"torch engine (Ponder {args.mode}, {graphed})":
+            tokens_per_s(lambda: thought_tokens(torch_engine.think(contexts, next_tokens, **think)))}
+    torch_engine.decoder.graphs.clear()  # its fixed buffers, before the others need the memory
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    rows |= {
+        f"torch engine (Ponder {args.mode}, eager)":
+            tokens_per_s(lambda: thought_tokens(eager_engine.think(contexts, next_tokens, **think))),
         "torch engine, one context per batch": tokens_per_s(one_context_at_a_time),
         "HF generate + forward (Llama)":
             tokens_per_s(lambda: hf_think(hf_model, hf_scorer, contexts, next_tokens, args)),
@@ -135,7 +143,7 @@ def main(args) -> None:
     print(f"rollout throughput on {args.device}{threads}, {args.dtype}: {args.contexts} contexts x "
           f"{args.context_len} tokens, G={args.group} thoughts of up to {args.thought} tokens at T={args.temperature}; model: hidden "
           f"{args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}")
-    base = rows["torch engine (Ponder, same shape)"]
+    base = next(iter(rows.values()))
     print(f"{'thoughts (think: sample, score x_t with and without)':54s} {'tokens/s':>10s} {'x torch':>8s}")
     for name, rate in rows.items():
         print(f"  {name:52s} {rate:10.1f} {rate / base:8.2f}")
@@ -154,6 +162,9 @@ def add_think_args(p, context_len: int) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--mode", default="full", choices=["full", "swa", "ttt_e2e"], help="the torch engine's Ponder model")
+    p.add_argument("--window", type=int, default=512, help="its attention window (swa, ttt_e2e)")
+    p.add_argument("--chunk", type=int, default=128, help="its TTT-E2E chunk")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--contexts", type=int, default=16)
     p.add_argument("--context-len", type=int, default=context_len)

@@ -19,22 +19,30 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from bench.common import add_model_args, build_model, timeit  # noqa: E402
+from rollout.graphed_decode import GraphedDecoder  # noqa: E402
 
 
 @torch.no_grad()
-def decode_latency(model, context: int, args) -> float:
+def decode_latency(model, context: int, args, graphed: bool = False) -> float:
     """Seconds per decoded token after a prefill of `context` tokens, averaged over `steps`
-    tokens (a multiple of the chunk, so TTT-E2E's updates are included at their real rate)."""
+    tokens (a multiple of the chunk, so TTT-E2E's updates are included at their real rate).
+    graphed: through the torch engine's fixed-buffer decoder (CUDA graphs on a GPU)."""
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab, (1, context), generator=gen).to(args.device)
     tokens = torch.randint(0, args.vocab, (1, args.steps), generator=gen).to(args.device)
     state = model.new_state(1)
     model(prompt, state=state)
+    decoder = GraphedDecoder(model) if graphed else None
 
     def run():
         s = state.expand(1)  # a fresh copy each repeat: every run decodes from the same context
+        if decoder is not None:
+            decoder.start(s, context + args.steps)
         for t in range(args.steps):
-            model(tokens[:, t : t + 1], state=s)
+            if decoder is not None:
+                decoder.step(tokens[:, t])
+            else:
+                model(tokens[:, t : t + 1], state=s)
 
     return timeit(run, torch.device(args.device), repeats=args.repeats) / args.steps
 
@@ -47,21 +55,29 @@ def main() -> None:
     args = p.parse_args()
 
     modes = ("full", "ttt_e2e")
-    latency = {m: {} for m in modes}
-    with tqdm(total=len(modes) * len(args.contexts), desc="decode latency") as bar:
+    variants = [(m, g) for m in modes for g in (False, True)]
+    latency = {v: {} for v in variants}
+    with tqdm(total=len(variants) * len(args.contexts), desc="decode latency") as bar:
         for mode in modes:
             model = build_model(args, mode=mode).eval()
-            for ctx in args.contexts:
-                latency[mode][ctx] = decode_latency(model, ctx, args)
-                bar.update(1)
+            for graphed in (False, True):
+                for ctx in args.contexts:
+                    latency[mode, graphed][ctx] = decode_latency(model, ctx, args, graphed)
+                    bar.update(1)
+            del model
 
+    where = "CUDA graphs" if args.device.startswith("cuda") else "run eagerly here"
     print(f"\nper-token decode latency ({args.device}; d={args.hidden}, {args.layers} layers, "
-          f"window {args.window}, chunk {args.chunk}; ms/token, and ratio to the {args.contexts[0]} context)")
-    print(f"{'context':>8} | {'full attention':>22} | {'TTT-E2E':>22} | full / TTT")
-    base = {m: latency[m][args.contexts[0]] for m in modes}
+          f"window {args.window}, chunk {args.chunk}; ms/token, and ratio to the {args.contexts[0]} context; "
+          f"graphed: the torch engine's fixed-buffer decoder, {where})")
+    names = {("full", False): "full attention", ("full", True): "full, graphed", ("ttt_e2e", False): "TTT-E2E",
+             ("ttt_e2e", True): "TTT-E2E, graphed"}
+    print(f"{'context':>8} | " + " | ".join(f"{names[v]:>22}" for v in variants) + " | full / TTT (graphed)")
+    base = {v: latency[v][args.contexts[0]] for v in variants}
     for ctx in args.contexts:
-        f, t = latency["full"][ctx], latency["ttt_e2e"][ctx]
-        print(f"{ctx:>8} | {f * 1e3:10.2f} ms ({f / base['full']:5.2f}x) | {t * 1e3:10.2f} ms ({t / base['ttt_e2e']:5.2f}x) | {f / t:6.2f}x")
+        cells = [f"{latency[v][ctx] * 1e3:10.2f} ms ({latency[v][ctx] / base[v]:5.2f}x)" for v in variants]
+        ratio = latency["full", True][ctx] / latency["ttt_e2e", True][ctx]
+        print(f"{ctx:>8} | " + " | ".join(cells) + f" | {ratio:6.2f}x")
 
 
 if __name__ == "__main__":

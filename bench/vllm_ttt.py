@@ -96,9 +96,8 @@ def main(args) -> None:
 if __name__ == "__main__":  # vLLM starts worker processes: keep the guard
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_think_args(p, context_len=128)
-    p.add_argument("--window", type=int, default=128)
+    p.set_defaults(window=128, chunk=32)
     p.add_argument("--suffix", type=int, default=1, help="suffix blocks with fast weights")
-    p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--latency-contexts", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--steps", type=int, default=32)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -7,6 +7,8 @@ swapped without touching the model code.
     attention.sliding_window_attention*    triton_attention.sliding_window_attention
     models/ttt.py clip_by_global_norm      triton_sgd.clipped_sgd_step
     linear_ce.linear_cross_entropy         triton_linear_ce.linear_cross_entropy
+    rope.apply_rope                        triton_rope.rope
+    rmsnorm.rms_norm                       triton_rmsnorm.rms_norm
 
 (*the materialised `sliding_window_attention_reference` where gradients of gradients are needed.)
 The functions below take a `backend` ("auto", "torch", "triton"; see kernels/backend.py) and pick
@@ -20,12 +22,15 @@ it down as outside the range it supports; tests/test_kernels_package.py holds th
 
 from kernels.attention import sliding_window_attention, sliding_window_attention_reference
 from kernels.backend import BACKENDS, check_backend, resolve_backend, triton_available
+from kernels.rmsnorm import rms_norm as rms_norm_reference
+from kernels.rope import apply_rope  # loaded here, so `kernels.rope` stays the function below
 from kernels.swiglu import swiglu
 
 __all__ = [
     "BACKENDS", "check_backend", "resolve_backend", "triton_available",
     "sliding_window_attention", "swiglu",
     "twice_differentiable_attention", "fast_swiglu", "clipped_sgd_step", "clip_scale", "linear_cross_entropy",
+    "rope", "rms_norm",
 ]
 
 
@@ -73,3 +78,22 @@ def linear_cross_entropy(hidden, weight, targets, backend: str = "auto"):
     from kernels.linear_ce import linear_cross_entropy as torch_ce
 
     return torch_ce(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1)).view(targets.shape)
+
+
+def rope(x, cos, sin, backend: str = "auto"):
+    """Rotary position embedding of x [..., T, D] by cos, sin [T, D] (constants), differentiable to
+    any order in x."""
+    if resolve_backend(backend, x.device) == "triton":
+        from kernels.triton_rope import rope as triton_rope
+
+        return triton_rope(x, cos, sin)
+    return apply_rope(x, cos, sin)
+
+
+def rms_norm(x, weight, eps: float, backend: str = "auto"):
+    """RMSNorm of x [..., d] with gain weight [d] (kernels/rmsnorm.py), differentiable to any order."""
+    if resolve_backend(backend, x.device) == "triton":
+        from kernels.triton_rmsnorm import rms_norm as triton_rms_norm
+
+        return triton_rms_norm(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)

@@ -31,22 +31,26 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from kernels import fast_swiglu, sliding_window_attention, swiglu, twice_differentiable_attention
+from kernels import fast_swiglu, rms_norm, rope, sliding_window_attention, swiglu, twice_differentiable_attention
+from kernels.rope import apply_rope  # noqa: F401  (re-exported: rollout/vllm_plugin imports it from here)
 from models.config import PonderConfig
 from models.memory import inner_update
 from models.state import DecodeState, map_tensors
+from models.static_state import RingKV
 from models.ttt import chunk_mean_loss, initial_fast_weights, ttt_forward, upcast
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """kernels.rms_norm with a learned gain; `backend` picks its kernels (PonderConfig.kernels)."""
+
+    def __init__(self, dim: int, eps: float, backend: str = "torch"):
         super().__init__()
         self.eps = eps
+        self.backend = backend
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = upcast(x)
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps, backend=self.backend)
 
 
 
@@ -72,12 +76,6 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 class Attention(nn.Module):
     def __init__(self, config: PonderConfig, twice_differentiable: bool = False):
         super().__init__()
@@ -88,12 +86,13 @@ class Attention(nn.Module):
         d, self.head_dim = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.window = config.attention_window
+        self.kernels = config.kernels  # the backend of RoPE
         self.wq = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.kernels) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.kernels) if config.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, past: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Returns the output and the keys/values it attended to ([past; new], rotated keys, one
@@ -101,10 +100,15 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = (w(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2) for w in (self.wk, self.wv))
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        q, k = rope(self.q_norm(q), cos, sin, self.kernels), rope(self.k_norm(k), cos, sin, self.kernels)
+        group = self.n_heads // self.n_kv_heads  # query heads per key/value head, consecutive
+        if isinstance(past, RingKV):  # one position into fixed buffers (models/static_state.py)
+            k, v, visible = past.append(k, v)
+            y = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1).to(q.dtype),
+                                               v.repeat_interleave(group, 1).to(q.dtype), attn_mask=visible)
+            return self.wo(y.transpose(1, 2).reshape(B, T, -1)), past
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        group = self.n_heads // self.n_kv_heads  # query heads per key/value head, consecutive
         y = self.attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), self.window)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
@@ -131,10 +135,10 @@ class Sublayer(nn.Module):
     def __init__(self, config: PonderConfig, f: nn.Module, post_norm: bool | None = None):
         super().__init__()
         d, eps = config.hidden_size, config.rms_norm_eps
-        self.pre_norm = RMSNorm(d, eps) if config.pre_norm else nn.Identity()
+        self.pre_norm = RMSNorm(d, eps, config.kernels) if config.pre_norm else nn.Identity()
         self.f = f
         post_norm = config.post_norm if post_norm is None else post_norm
-        self.post_norm = RMSNorm(d, eps) if post_norm else nn.Identity()
+        self.post_norm = RMSNorm(d, eps, config.kernels) if post_norm else nn.Identity()
 
     def forward(self, x, *args, **kwargs):
         out = self.f(self.pre_norm(x), *args, **kwargs)
@@ -198,7 +202,7 @@ class PonderForCausalLM(PonderPreTrainedModel):
         n_prefix = config.num_hidden_layers - (config.suffix_len if config.is_ttt else 0)
         self.blocks = nn.ModuleList(Block(config, fast=i >= n_prefix) for i in range(config.num_hidden_layers))
         self.n_prefix = n_prefix
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         # The output projection: the embedding itself when tied, else a matrix of its own.
         self.head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # The inner learning rate in use; the trainer warms it up, inference uses the config's.
@@ -220,10 +224,20 @@ class PonderForCausalLM(PonderPreTrainedModel):
         """Final norm and the output projection."""
         return F.linear(self.norm(h), self.output_weight)
 
-    def rope(self, start: int, length: int, like: torch.Tensor):
-        positions = torch.arange(start, start + length, device=like.device)
-        c = self.config  # frequencies made afresh in float64 (a buffer would follow the model's dtype)
-        return rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_params), like.dtype)
+    def rope(self, start: int | torch.Tensor, length: int, like: torch.Tensor):
+        """cos, sin of positions start .. start + length - 1; `start` may be a device tensor (a
+        CUDA graph reads the position it is at)."""
+        positions = start + torch.arange(length, device=like.device)
+        return rope_cos_sin(positions, self.inv_freq(like.device), like.dtype)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """RoPE's frequencies in float64 on `device`, made once per device (a buffer would follow
+        the model's dtype)."""
+        cache = self.__dict__.setdefault("_inv_freq", {})
+        if device not in cache:
+            c = self.config
+            cache[device] = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_params).to(device)
+        return cache[device]
 
     def run_blocks(self, blocks, h, start: int, state: DecodeState | None, first_layer: int = 0, fast=None):
         """Run `blocks` over h (positions start..), reading and extending `state`'s caches."""

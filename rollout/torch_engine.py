@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from models.hf import is_ponder, is_ttt
 from rollout.engine import Generation, ThoughtGroup
+from rollout.graphed_decode import GraphedDecoder
 
 if TYPE_CHECKING:
     from models import PonderForCausalLM
@@ -91,12 +92,18 @@ class TorchEngine:
     """The Engine for every Ponder model and any Hugging Face causal LM, run in-process with torch
     (CPU or one GPU)."""
 
-    def __init__(self, model: PonderForCausalLM, device: str | torch.device = "cpu", seed: int = 0):
+    def __init__(self, model: PonderForCausalLM, device: str | torch.device = "cpu", seed: int = 0,
+                 cuda_graphs: bool | None = None):
+        """cuda_graphs: decode a Ponder model through fixed buffers replayed from CUDA graphs
+        (rollout/graphed_decode.py); None: where the device is a GPU. On CPU the same step runs eagerly."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         # Its own generator: results depend on the seed only, not on whatever else draws numbers.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.version = 0
+        graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.decoder = GraphedDecoder(self.model) if graphs and is_ponder(self.model) else None
+        self.decoding: GraphedDecoder | None = None  # the decoder while it holds the state being decoded
 
     def _ids(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -124,9 +131,18 @@ class TorchEngine:
             return self.model(input_ids=ids, past_key_values=state.cache, use_cache=True).logits
         return self.model(ids, state=state).logits
 
+    def _decode_from(self, state, max_positions: int) -> None:
+        """Decoding steps from here on read on from `state` (at most max_positions positions in all)."""
+        self.decoding = self.decoder if self.decoder is not None and not isinstance(state, CacheState) else None
+        if self.decoding is not None:
+            self.decoding.start(state, max_positions)
+
     def _step(self, tokens: torch.Tensor, active: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """Feed one token per row (FILLER where the row is no longer active); the next logits [B, V]."""
-        return self._forward(torch.where(active, tokens, FILLER)[:, None], state)[:, -1]
+        tokens = torch.where(active, tokens, FILLER)
+        if self.decoding is not None:
+            return self.decoding.step(tokens)
+        return self._forward(tokens[:, None], state)[:, -1]
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
@@ -145,6 +161,7 @@ class TorchEngine:
         stop_ids = torch.tensor(list(stop), dtype=torch.long, device=self.device)
         state, logits = self._read(prompts)
         state, logits = state.expand(n), logits.repeat_interleave(n, 0)
+        self._decode_from(state, len(prompts[0]) + max_new_tokens)
         rows = len(prompts) * n
         tokens, logprobs = [], []
         running = torch.ones(rows, dtype=torch.bool, device=self.device)
@@ -192,6 +209,7 @@ class TorchEngine:
         no_thought = sampling_logprobs(logits, 1.0).gather(-1, targets[:, None])[:, 0].tolist()
         logits = self._forward(self._ids([[think_open]] * B), state)[:, -1]
         state, logits = state.expand(n), logits.repeat_interleave(n, 0)
+        self._decode_from(state, len(contexts[0]) + max_new_tokens + 2)  # <think>, thought, </think>
         targets = targets.repeat_interleave(n)  # row b*n + i: context b, thought i
 
         tokens, logprobs = [], []

@@ -30,13 +30,13 @@ run() {  # run NAME SECONDS COMMAND...: its log in $out/NAME.log, its exit statu
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$out/gpu.txt"
-run tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_rope.py \
+run tests 140 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_rope.py \
   tests/test_kernels_rmsnorm.py tests/test_cuda_graphs.py
-run step_batch1 150 "$py" bench/kernels.py --batch 1 --repeats 5
-run step_batch4 110 "$py" bench/kernels.py --batch 4 --repeats 3 --skip-ops --skip-parity
-run decode 110 "$py" bench/ttt_latency.py --device cuda "${shape[@]}" --mlp 2048 --window 4096 --chunk 1024 \
+run step_batch1 140 "$py" bench/kernels.py --batch 1 --repeats 5
+run step_batch4 100 "$py" bench/kernels.py --batch 4 --repeats 3 --skip-ops --skip-parity
+run decode 100 "$py" bench/ttt_latency.py --device cuda "${shape[@]}" --mlp 2048 --window 4096 --chunk 1024 \
   --contexts 4096 16384 65536 --steps 64 --repeats 2
-run thinking 100 "$py" bench/rollout_throughput.py --no-vllm --device cuda "${shape[@]}" --mode ttt_e2e \
+run thinking 90 "$py" bench/rollout_throughput.py --no-vllm --device cuda "${shape[@]}" --mode ttt_e2e \
   --window 512 --chunk 128 --contexts 64 --context-len 512 --group 8 --thought 64 --repeats 2
 
 echo

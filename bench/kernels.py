@@ -244,7 +244,8 @@ def ratio(a, b):
 
 def print_steps(args, device, where) -> None:
     steps = {}
-    for name in tqdm(STEP_VARIANTS, desc="training steps, each in its own process"):
+    names = [BASELINE] + [n for n in (args.variants or STEP_VARIANTS) if n != BASELINE]
+    for name in tqdm(names, desc="training steps, each in its own process"):
         steps[name] = run_isolated(__file__, sys.argv[1:] + ["--one", name])
     base = steps[BASELINE]
     print(f"\none training step ({where})")
@@ -267,6 +268,8 @@ def print_steps(args, device, where) -> None:
         if r.get("graph_fallback"):
             print(f"{'':>34}   (ran eagerly: {r['graph_fallback']})")
     def vs(a, b):
+        if a not in steps or b not in steps:
+            return "-"
         ta, tb = steps[a].get("seconds"), steps[b].get("seconds")
         return f"{ta / tb:.2f}x" if ta and tb else "-"
 
@@ -298,6 +301,8 @@ def main() -> None:
     p.add_argument("--skip-ops", action="store_true", help="leave out the kernels alone")
     p.add_argument("--skip-steps", action="store_true", help="leave out the training steps")
     p.add_argument("--skip-parity", action="store_true", help="leave out the Triton/torch parity")
+    p.add_argument("--variants", nargs="+", choices=list(STEP_VARIANTS), help="step variants (default: all; the "
+                   "plain one always runs, as the baseline)")
     p.add_argument("--one", metavar="VARIANT", help=argparse.SUPPRESS)  # one step variant, in this process
     args = p.parse_args()
     device = torch.device("cuda" if ON_GPU else "cpu")

@@ -3,7 +3,7 @@ Triton kernels to) and the models call the op through this package, so the imple
 swapped without touching the model code.
 
     torch path (the reference)             Triton path (kernels/triton_*.py)
-    swiglu.swiglu                          triton_swiglu.swiglu        (+ triton_bmm.bmm)
+    swiglu.swiglu                          triton_swiglu.swiglu        (its GEMMs: torch.bmm)
     attention.sliding_window_attention*    triton_attention.sliding_window_attention
     models/ttt.py clip_by_global_norm      triton_sgd.clipped_sgd_step
     linear_ce.linear_cross_entropy         triton_linear_ce.linear_cross_entropy
@@ -19,6 +19,8 @@ The name clashes with the Hugging Face `kernels` distribution on PyPI. transform
 one by name, finds ours, reads the version of the distribution that ships it (`ponder`), and turns
 it down as outside the range it supports; tests/test_kernels_package.py holds that line.
 """
+
+import torch
 
 from kernels.attention import sliding_window_attention, sliding_window_attention_reference
 from kernels.backend import BACKENDS, check_backend, resolve_backend, triton_available
@@ -44,8 +46,10 @@ def twice_differentiable_attention(q, k, v, window=None, scale=None, backend: st
 
 
 def fast_swiglu(x, w1, w2, w3, backend: str = "auto"):
-    """SwiGLU with shared or per-sequence (fast) weights, differentiable to any order."""
-    if resolve_backend(backend, x.device) == "triton":
+    """SwiGLU with shared or per-sequence (fast) weights, differentiable to any order. The Triton
+    path serves differentiation (fewer saved tensors, fused gate derivatives); with gradients off
+    (decoding) the plain composition runs on the vendor's matmuls."""
+    if resolve_backend(backend, x.device) == "triton" and torch.is_grad_enabled():
         from kernels.triton_swiglu import swiglu as triton_swiglu
 
         return triton_swiglu(x, w1, w2, w3)

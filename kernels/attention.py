@@ -22,12 +22,27 @@ def sliding_window_mask(t_q: int, t_k: int, window: int | None, device=None) -> 
     return allowed
 
 
+# Up to this many queries, attention is computed with materialised scores: fused attention kernels
+# tile 64 queries at a time, so a decode step's single query leaves one tile per head and the GPU
+# nearly idle (seen on an H200: 0.4 ms per layer for one query over 2K keys), while its scores
+# are only [B, H, few, keys].
+FEW_QUERIES = 16
+
+
+def masked_attention(q, k, v, mask: torch.Tensor, scale: float | None = None):
+    """softmax(q kᵀ · scale, masked) v, with mask broadcast to [B, H, Tq, Tk] (True: attend)."""
+    if q.shape[-2] > FEW_QUERIES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
 def sliding_window_attention(q, k, v, window: int | None = None, scale: float | None = None):
     t_q, t_k = q.shape[-2], k.shape[-2]
     if (window is None or window >= t_k) and t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    mask = sliding_window_mask(t_q, t_k, window, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return masked_attention(q, k, v, sliding_window_mask(t_q, t_k, window, device=q.device), scale)
 
 
 def sliding_window_attention_reference(q, k, v, window: int | None = None, scale: float | None = None):

@@ -16,7 +16,9 @@ Functions of the same set:
 - `GateGradFunction` (one elementwise kernel): (dgate, dup) from (dh, gate, up); its backward is
   `GateGradGradFunction` (one elementwise kernel, silu''), whose own backward is written in torch
   elementwise ops, so third and higher orders still work, off the Triton path.
-- every matmul, in every order, is `bmm` (kernels/triton_bmm.py), whose backward calls itself.
+- every plain matmul, in every order, is torch.bmm: the vendor's batched GEMM, differentiable to
+  any order by torch itself. (A hand-written Triton batched matmul measured 3x slower than it on an
+  H200 at the bench's shapes, and took the whole op from 3.2 to 5.4 ms at three orders.)
 
 Memory: the forward keeps x, the weights and three [B, T, I] tensors: gate, up and h (torch's
 composition keeps silu(gate) as a fourth). A first backward whose graph is kept for the
@@ -30,7 +32,6 @@ import triton
 import triton.language as tl
 
 from kernels.backend import compute_dtype, interpreting
-from kernels.triton_bmm import bmm
 from kernels.triton_utils import acc_dtype, block_size, dot_precision, empty
 
 
@@ -160,12 +161,12 @@ class SwiGLUUpFunction(torch.autograd.Function):
             dup = dup_h if dup is None else dup + dup_h
         dx = dw1 = dw3 = None
         if ctx.needs_input_grad[0]:
-            parts = [bmm(dy, w) for dy, w in ((dgate, w1), (dup, w3)) if dy is not None]
+            parts = [torch.bmm(dy, w) for dy, w in ((dgate, w1), (dup, w3)) if dy is not None]
             dx = sum(parts[1:], parts[0]) if parts else None
         if ctx.needs_input_grad[1] and dgate is not None:
-            dw1 = bmm(dgate.transpose(1, 2), x)
+            dw1 = torch.bmm(dgate.transpose(1, 2), x)
         if ctx.needs_input_grad[2] and dup is not None:
-            dw3 = bmm(dup.transpose(1, 2), x)
+            dw3 = torch.bmm(dup.transpose(1, 2), x)
         return dx, dw1, dw3
 
 
@@ -253,5 +254,5 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
         x = x.reshape(1, -1, shape[-1])
         w1, w2, w3 = w1.unsqueeze(0), w2.unsqueeze(0), w3.unsqueeze(0)
     h = SwiGLUUpFunction.apply(x, w1, w3)[2]
-    y = bmm(h, w2.transpose(1, 2))
+    y = torch.bmm(h, w2.transpose(1, 2))
     return y.view(shape) if shared else y

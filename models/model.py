@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from kernels import fast_swiglu, rms_norm, rope, sliding_window_attention, swiglu, twice_differentiable_attention
+from kernels.attention import masked_attention
 from kernels.rope import apply_rope  # noqa: F401  (re-exported: rollout/vllm_plugin imports it from here)
 from models.config import PonderConfig
 from models.memory import inner_update
@@ -104,8 +105,8 @@ class Attention(nn.Module):
         group = self.n_heads // self.n_kv_heads  # query heads per key/value head, consecutive
         if isinstance(past, RingKV):  # one position into fixed buffers (models/static_state.py)
             k, v, visible = past.append(k, v)
-            y = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1).to(q.dtype),
-                                               v.repeat_interleave(group, 1).to(q.dtype), attn_mask=visible)
+            y = masked_attention(q, k.repeat_interleave(group, 1).to(q.dtype), v.repeat_interleave(group, 1).to(q.dtype),
+                                 visible)
             return self.wo(y.transpose(1, 2).reshape(B, T, -1)), past
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)

@@ -18,12 +18,11 @@ from tests.kernel_checks import DEVICE, assert_close, check_three_orders, leaf, 
 pytest.importorskip("triton", reason="triton is not installed")
 
 from kernels import backend, resolve_backend  # noqa: E402
-from kernels import triton_utils  # noqa: E402
+from kernels import triton_sgd, triton_utils  # noqa: E402
 from kernels.attention import sliding_window_attention_reference  # noqa: E402
 from kernels.linear_ce import linear_cross_entropy as linear_ce_reference  # noqa: E402
 from kernels.swiglu import swiglu as swiglu_reference  # noqa: E402
 from kernels.triton_attention import sliding_window_attention  # noqa: E402
-from kernels.triton_bmm import bmm  # noqa: E402
 from kernels.triton_linear_ce import linear_cross_entropy  # noqa: E402
 from kernels.triton_sgd import clipped_sgd_step  # noqa: E402
 from kernels.triton_swiglu import swiglu  # noqa: E402
@@ -38,21 +37,6 @@ def poison_outputs(monkeypatch):
 
 
 on_device = pytest.fixture(autouse=True)(use_device)
-
-
-# ----------------------------------------------------------------------------- batched matmul
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_bmm_transposed_and_broadcast_operands(dtype):
-    torch.manual_seed(0)
-    a, w = leaf(3, 20, 24, dtype=dtype), leaf(18, 24, dtype=dtype)
-    # b = wᵀ shared by the batch: a transposed, stride-0-batch operand, as the fast weights' W_0.
-
-    def run(op):
-        return lambda a, w: op(a, w.t().unsqueeze(0).expand(3, 24, 18))
-
-    check_three_orders("bmm", run(bmm), run(torch.bmm), (a, w), dtype)
 
 
 # ----------------------------------------------------------------------------- SwiGLU
@@ -121,6 +105,81 @@ def test_clipped_sgd_step(dtype):
         return torch.cat([(w - lr * g).flatten(1) for w, g in zip([w0.expand(B, 5, 7), w1], grads)], 1)
 
     check_three_orders("clip + sgd update", triton_step, torch_step, (w0, w1, g0, g1), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_clipped_sgd_step_many_tensors(dtype, monkeypatch):
+    """Four tensors of different sizes in one launch each way, over several 16-element blocks each:
+    W_0 broadcast, later weights per sequence; row 0 under the clip, row 1's gradient all zero
+    (sq = 0: scale 1, finite derivatives), row 2 clipped."""
+    monkeypatch.setattr(triton_sgd, "BLOCK", 16)
+    torch.manual_seed(5)
+    B, lr, max_norm = 3, 0.7, 1.0
+    shapes = [(6, 5), (7, 9), (11,), (3, 4, 5)]
+    row_scale = torch.tensor([0.02, 0.0, 3.0], dtype=dtype)
+    w0 = leaf(*shapes[0], dtype=dtype)
+    ws = [leaf(B, *s, dtype=dtype) for s in shapes[1:]]
+    gs = [(torch.randn(B, *s, dtype=dtype) * row_scale.view(B, *[1] * len(s))).requires_grad_() for s in shapes]
+
+    def weights(w0, ws):
+        return [w0.expand(B, *shapes[0]), *ws]
+
+    def triton_step(w0, *t):
+        ws, gs = t[:3], t[3:]
+        return torch.cat([u.flatten(1) for u in clipped_sgd_step(weights(w0, ws), list(gs), lr, max_norm)], 1)
+
+    def torch_step(w0, *t):
+        ws, gs = t[:3], t[3:]
+        clipped = clip_by_global_norm(list(gs), max_norm)
+        return torch.cat([(w - lr * g).flatten(1) for w, g in zip(weights(w0, ws), clipped)], 1)
+
+    check_three_orders("clip + sgd update, 4 tensors", triton_step, torch_step, (w0, *ws, *gs), dtype)
+
+
+def count_launches(monkeypatch):
+    """A list that gets one entry per Triton kernel launch from now on."""
+    import triton
+
+    if backend.interpreting():
+        cls = triton.runtime.interpreter.InterpretedFunction
+    else:
+        cls = triton.runtime.jit.JITFunction
+    launches, run = [], cls.run
+
+    def counted(self, *args, **kwargs):
+        if not kwargs.get("warmup", False):
+            launches.append(self.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", counted)
+    return launches
+
+
+def test_clipped_sgd_step_reads_a_tensor_learning_rate():
+    """The inner lr may be a device tensor (the trainer's, under CUDA graphs, changes between
+    replays): the step reads its value, the same as given as a number."""
+    torch.manual_seed(11)
+    ws = [leaf(3, 5, 7, dtype=torch.float32), leaf(3, 9, dtype=torch.float32)]
+    gs = [torch.randn(3, 5, 7), torch.randn(3, 9) * 0.01]
+    lr = torch.tensor(0.3)
+    for value in (0.3, 0.8):
+        lr.fill_(value)
+        for a, b in zip(clipped_sgd_step(ws, gs, lr, 1.0), clipped_sgd_step(ws, gs, value, 1.0)):
+            assert_close(f"clip + sgd, lr {value} as a tensor", a, b, 1e-7)
+
+
+def test_clipped_sgd_step_launches(monkeypatch):
+    """Nine tensors (3 layers x w1, w2, w3): two launches forward, at most three for a backward."""
+    torch.manual_seed(6)
+    B, shapes = 2, [(8, 4), (4, 8), (8, 4)] * 3
+    ws = [leaf(B, *s, dtype=torch.float32) for s in shapes]
+    gs = [leaf(B, *s, dtype=torch.float32) for s in shapes]
+    launches = count_launches(monkeypatch)
+    new = clipped_sgd_step(ws, gs, 0.5, 1.0)
+    assert len(launches) == 2, launches
+    forward = len(launches)
+    torch.autograd.grad(sum((u * u).sum() for u in new), ws + gs)
+    assert len(launches) - forward <= 3, launches[forward:]
 
 
 # ----------------------------------------------------------------------------- attention

@@ -34,7 +34,8 @@ def masked_attention(q, k, v, mask: torch.Tensor, scale: float | None = None):
     if q.shape[-2] > FEW_QUERIES:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~mask, float("-inf"))
+    scores = q @ k.transpose(-1, -2)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).mul_(scale).masked_fill_(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
 

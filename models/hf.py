@@ -46,3 +46,31 @@ def flops_per_token(model, seq_len: int) -> float:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     mean_keys = (seq_len + 1) / 2
     return 6.0 * matmul_weights + 12.0 * c.num_hidden_layers * c.num_attention_heads * head_dim * mean_keys
+
+
+THINK_TOKENS = ("<think>", "</think>")
+
+
+@torch.no_grad()
+def add_think_tokens(model, tokenizer) -> list[int]:
+    """Give a causal LM and its tokenizer RLP's <think> and </think> where the tokenizer lacks them:
+    special tokens (never split), and for each a row of the embedding (and of an untied output
+    projection) set to the mean of the rows of the tokens that existed before. Every old token keeps
+    its embedding and its output row, so its logits on any old-token input are unchanged. Returns
+    the ids of the tokens added ([] if none were missing)."""
+    missing = [t for t in THINK_TOKENS if t not in tokenizer.get_vocab()]
+    if not missing:
+        return []
+    old = len(tokenizer)
+    tokenizer.add_tokens(missing, special_tokens=True)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:  # else the embedding has spare rows already (a vocabulary padded up)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = tokenizer.convert_tokens_to_ids(missing)
+    matrices = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not matrices[0]:
+        matrices.append(head.weight)
+    for w in matrices:
+        w[ids] = w[:old].mean(0)
+    return ids

@@ -36,8 +36,9 @@ from training.learner_group import learner_bundles, start_learners  # noqa: E402
 from training.evaluate import TaskAccuracy  # noqa: E402
 from training.metrics import base_counters  # noqa: E402
 from training.rlp_loop import DroppedRewardsError, run_graph  # noqa: E402
-from training.preflight import check_base, check_data_files, check_tokenizer_fits, with_base_tokenizer  # noqa: E402
-from training.run import check_vllm_serves, config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
+from training.preflight import check_base, check_data_files, check_tokenizer_fits  # noqa: E402
+from training.run import (check_vllm_serves, config_errors_exit, parse_config_or_exit, prepare_run_dir,  # noqa: E402
+                          resolve_device, think_ready_base)
 from training.trainer import run_pretraining  # noqa: E402
 
 
@@ -83,8 +84,9 @@ def main(argv: list[str]) -> dict:
         check_data_files(cfg.data)
         if base is not None:
             check_base(base)
-            cfg = with_base_tokenizer(cfg, base)  # the tokenizer the base was trained with
         run_dir = prepare_run_dir(cfg)
+        if base is not None:  # the tokenizer the base was trained with, <think> and </think> added where missing
+            cfg, base = think_ready_base(cfg, base, run_dir)
         data = prepare_data(cfg.data, run_dir, cfg.seed)
         if base is not None:
             check_tokenizer_fits(base, data.tokenizer)

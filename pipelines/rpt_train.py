@@ -29,11 +29,10 @@ from rollout.rpt import RPTWorker  # noqa: E402
 from training.cluster import start_ray  # noqa: E402
 from training.config import CONFIG_DIR, RPTTrainConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
-from training.preflight import (check_base, check_data_files, check_proxy_vocab, check_tokenizer_fits,  # noqa: E402
-                                with_base_tokenizer)
+from training.preflight import check_base, check_data_files, check_proxy_vocab, check_tokenizer_fits  # noqa: E402
 from training.rlp_loop import run_graph  # noqa: E402
 from training.rpt import RPTAccuracy  # noqa: E402
-from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir  # noqa: E402
+from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir, think_ready_base  # noqa: E402
 
 
 CANNOT_ANSWER = ("few responses reach the eos token within rpt.response_max_tokens, so few close a box and the reward "
@@ -48,11 +47,14 @@ def main(argv: list[str]) -> dict:
         base = Path(cfg.base).expanduser().resolve()
         check_base(base)
         check_data_files(cfg.data)
-        proxy = Path(cfg.rpt.proxy).expanduser().resolve() if cfg.rpt.proxy else base
-        cfg = with_base_tokenizer(cfg, base)
+        run_dir = prepare_run_dir(cfg)
+        given = base
+        cfg, base = think_ready_base(cfg, base, run_dir)  # <think> and </think> added where the tokenizer lacks them
+        proxy = Path(cfg.rpt.proxy).expanduser().resolve() if cfg.rpt.proxy else base  # by default the base itself
+        if proxy == given:  # the base as its own proxy: the same prepared copy, so they share a vocabulary
+            proxy = base
         cfg = dataclasses.replace(cfg, rpt=dataclasses.replace(cfg.rpt, proxy=str(proxy)))
         check_proxy_vocab(proxy, base, cfg.data.tokenizer)
-        run_dir = prepare_run_dir(cfg)
         data = prepare_data(cfg.data, run_dir, cfg.seed)
         check_tokenizer_fits(base, data.tokenizer)
     started = start_ray(cfg.ray_address)

@@ -14,9 +14,9 @@ import torch
 
 from models import PonderConfig, PonderForCausalLM
 from training.config import ConfigError, ModelConfig, TTTConfig, load_config, save_config
-from training.checkpoint import latest_checkpoint
+from training.checkpoint import latest_checkpoint, save_model
 from training.cluster import outputs_root, submitted_job
-from training.preflight import check_resume
+from training.preflight import check_resume, with_base_tokenizer
 
 
 def parse_config_or_exit(schema: type, yaml_path: str | Path, argv: list[str]):
@@ -52,6 +52,36 @@ def prepare_run_dir(cfg) -> Path:
     print(f"outputs in {run_dir}" + (" (a submitted job: relative out_dir resolves under $PONDER_HOME, "
                                      "default ~/ponder)" if submitted_job() else ""))
     return run_dir
+
+
+def think_ready_base(cfg, base: Path, run_dir: Path):
+    """(cfg, base) for a run whose policy thinks. data.tokenizer becomes the base's (given, or saved
+    beside it); where that tokenizer lacks <think> and </think>, the base gets them
+    (models/hf.add_think_tokens) and is saved with its tokenizer in <run_dir>/base_model, once per
+    run (a resume and the report read that copy)."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from models.hf import THINK_TOKENS, add_think_tokens
+
+    cfg = with_base_tokenizer(cfg, base)
+    if not cfg.data.tokenizer:  # none yet: the run trains one, with the think tokens
+        return cfg, base
+    prepared = run_dir / "base_model"
+    if not (prepared / "tokenizer.json").is_file():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.data.tokenizer)
+        if all(t in tokenizer.get_vocab() for t in THINK_TOKENS):
+            return cfg, base
+        model = AutoModelForCausalLM.from_pretrained(base)
+        probe = torch.tensor([tokenizer("Ponder thinks before it speaks: 12 + 30 = 42.")["input_ids"]])
+        with torch.no_grad():
+            before = model(probe).logits
+            ids = add_think_tokens(model, tokenizer)
+            change = float((model(probe).logits[..., : before.shape[-1]] - before).abs().max())
+        save_model(model, prepared)
+        tokenizer.save_pretrained(prepared)  # last: its presence marks the copy complete
+        print(f"{base}: its tokenizer lacked {', '.join(THINK_TOKENS)}; added as ids {ids}, their embedding rows the mean "
+              f"of the others; old tokens' logits changed by at most {change:.1e}; the prepared base is {prepared}")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(prepared))), prepared
 
 
 def resolve_device(name: str) -> torch.device:

@@ -38,7 +38,7 @@ from training.metrics import base_counters  # noqa: E402
 from training.rlp_loop import DroppedRewardsError, run_graph  # noqa: E402
 from training.preflight import check_base, check_data_files, check_tokenizer_fits  # noqa: E402
 from training.run import (check_vllm_serves, config_errors_exit, parse_config_or_exit, prepare_run_dir,  # noqa: E402
-                          resolve_device, think_ready_base)
+                          resolve_device, storage_errors_exit, think_ready_base)
 from training.trainer import run_pretraining  # noqa: E402
 
 
@@ -159,7 +159,8 @@ def cli(entry) -> None:
     """entry(sys.argv[1:]), with the graph's failures (rewards dropped, workers or learner lost)
     reported in one line and exit status 1."""
     try:
-        entry(sys.argv[1:])
+        with storage_errors_exit():  # a full disk, a permission: one line naming the path and the errno
+            entry(sys.argv[1:])
     except (DroppedRewardsError, AllWorkersFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

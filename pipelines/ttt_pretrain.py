@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from training.config import CONFIG_DIR, PretrainConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
 from training.preflight import check_data_files, check_ponder_base, check_tokenizer_fits, with_base_tokenizer  # noqa: E402
-from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device  # noqa: E402
+from training.run import (config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device,  # noqa: E402
+                          storage_errors_exit)
 from training.trainer import run_pretraining  # noqa: E402
 
 
@@ -48,4 +49,5 @@ def main(argv: list[str]) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with storage_errors_exit():  # a full disk, a permission: one line naming the path and the errno
+        main(sys.argv[1:])

@@ -32,6 +32,30 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert path.name == "step_00000003" and state["step"] == 3 and torch.equal(state["w"], torch.full((1000,), 3.0))
 
 
+@pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "missing metadata"])
+def test_a_damaged_sharded_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    """A DCP checkpoint whose state.pt is whole but whose shards are not: every shard the metadata
+    lists is checked against the bytes it needs, and the warning names the file."""
+    from training.distributed import save_sharded_checkpoint
+
+    for step in (3, 6):
+        save_sharded_checkpoint(tmp_path, step, {"step": step}, {"w": torch.full((4096,), float(step))})
+    dcp_dir = tmp_path / "checkpoints" / "step_00000006" / "dcp"
+    shard = next(dcp_dir.glob("*.distcp"))
+    if damage == "truncated shard":
+        truncate(shard)
+    elif damage == "missing shard":
+        shard.unlink()
+    else:
+        (dcp_dir / ".metadata").unlink()
+    (tmp_path / "checkpoints" / ".tmp_step_00000009").mkdir()  # what a save killed midway leaves
+    named = shard if damage != "missing metadata" else dcp_dir / ".metadata"
+    with pytest.warns(UserWarning, match=str(named)):
+        path, state = load_latest_checkpoint(tmp_path)
+    assert path.name == "step_00000003" and state["step"] == 3
+    assert not (tmp_path / "checkpoints" / ".tmp_step_00000009").exists()
+
+
 def test_only_the_newest_checkpoints_are_kept_and_no_temporaries(tmp_path):
     for step in range(1, 5):
         save_checkpoint(tmp_path, step, {"step": step}, keep=2)
@@ -80,3 +104,49 @@ def test_a_resumed_logger_drops_records_past_the_checkpoint_and_continues_the_wa
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(f"-{first_id}" in p.name for p in runs)  # one wandb run, written twice
     assert [(r["step"], r["x"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+@pytest.mark.parametrize("failure", ["errno", "full disk, no errno"])
+def test_a_failed_save_names_the_path_and_the_errno_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
+    """What a full disk does: the save stops, one line says where and why, the checkpoint before it
+    loads. torch's zip writer reports a full disk without an errno; the free space says it then."""
+    import errno
+    import shutil as shutil_module
+
+    from training.checkpoint import StorageError, writing
+
+    save_checkpoint(tmp_path, 3, {"step": 3})
+
+    def full(*args, **kwargs):
+        if failure == "errno":
+            raise RuntimeError("saving failed") from OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full)
+    if failure != "errno":
+        usage = shutil_module.disk_usage(tmp_path)
+        monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage._replace(free=1024))
+    with pytest.raises(StorageError) as caught:
+        with writing(tmp_path / "checkpoints"):
+            save_checkpoint(tmp_path, 6, {"step": 6})
+    message = str(caught.value)
+    assert "\n" not in message and str(tmp_path / "checkpoints") in message and "[Errno 28]" in message
+    monkeypatch.undo()
+    path, state = load_latest_checkpoint(tmp_path)
+    assert state["step"] == 3
+
+
+def test_a_storage_error_inside_an_actor_reaches_the_user_as_one_line(ray_cluster, capsys):
+    ray = ray_cluster
+    from pipelines.rlp_midtrain import cli
+    from training.checkpoint import StorageError
+
+    @ray.remote
+    def save():
+        raise StorageError("writing /runs/x/checkpoints failed: [Errno 28] No space left on device; ...")
+
+    with pytest.raises(SystemExit) as stopped:
+        cli(lambda argv: ray.get(save.remote()))
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: writing /runs/x/checkpoints failed: [Errno 28] No space left on device; ..."

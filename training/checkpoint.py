@@ -5,11 +5,13 @@ truncated newest checkpoint is named in a warning and the one before it is used.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,42 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class StorageError(RuntimeError):
+    """Writing a checkpoint or model failed; the message names the path and the cause in one line."""
+
+
+@contextmanager
+def writing(path: str | Path):
+    """Any failure while writing under `path` as one StorageError naming the path and the errno
+    (the save it interrupts leaves the previous checkpoint whole: saves are atomic)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        raise StorageError(f"writing {path} failed: {storage_cause(Path(path), e)}; the previous checkpoint is whole: "
+                           "fix that, then continue with resume=true") from e
+
+
+def storage_cause(path: Path, error: BaseException) -> str:
+    """The OSError behind `error` as "[Errno N] reason", where one is in its chain (DCP wraps them in
+    CheckpointException's failures); else a full disk, which torch's zip writer reports only as a
+    position mismatch; else the error's first line."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return f"[Errno {e.errno}] {e.strerror}"
+        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and shutil.disk_usage(existing).free < 64 * 2**20:
+        return f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)} ({shutil.disk_usage(existing).free // 2**20} MB free)"
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
+
+
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write `state` (anything torch.save takes) as step_<step>; keep the newest `keep`."""
     root = Path(run_dir) / "checkpoints"
@@ -85,20 +123,50 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not (path / "state.pt").is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path / 'state.pt'})")
     # Our own files: optimiser and RNG states are not plain tensors.
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    if state.get("sharded") and not (path / "dcp" / ".metadata").is_file():  # written by N ranks (DCP)
-        raise FileNotFoundError(f"sharded checkpoint {path} has no {path / 'dcp' / '.metadata'}")
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or corrupt: torch says why, we say which file
+        raise CheckpointDamaged(f"{path / 'state.pt'} is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+    if state.get("sharded"):  # written by N ranks (DCP)
+        check_dcp_shards(path / "dcp")
     return state
 
 
+class CheckpointDamaged(ValueError):
+    """A checkpoint that cannot be loaded whole; the message names the file."""
+
+
+def check_dcp_shards(dcp_dir: Path) -> None:
+    """Every shard file the DCP metadata lists exists and reaches the end of every item stored in it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (dcp_dir / ".metadata").is_file():
+        raise CheckpointDamaged(f"{dcp_dir / '.metadata'} is missing")
+    try:
+        metadata = FileSystemReader(str(dcp_dir)).read_metadata()
+    except Exception as e:
+        raise CheckpointDamaged(f"{dcp_dir / '.metadata'} is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+    needed: dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(needed.items()):
+        shard = dcp_dir / name
+        have = shard.stat().st_size if shard.is_file() else None
+        if have is None or have < size:
+            raise CheckpointDamaged(f"{shard} is {'missing' if have is None else f'{have} bytes'}; its metadata "
+                                    f"needs {size}")
+
+
 def load_latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads, newest first; each one that does not is named in a warning."""
+    """The newest checkpoint that loads, newest first; each one that does not is named in a warning.
+    Temporaries a killed save left behind are removed first."""
+    for tmp in (Path(run_dir) / "checkpoints").glob(".tmp_step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
     for path in reversed(checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path)
-        except Exception as e:  # truncated or corrupt: torch says why, we say which file
-            warnings.warn(f"checkpoint {path / 'state.pt'} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
-                          "using the one before it", stacklevel=2)
+        except (CheckpointDamaged, FileNotFoundError) as e:
+            warnings.warn(f"checkpoint {path} is damaged: {e}; using the one before it", stacklevel=2)
     return None
 
 

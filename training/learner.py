@@ -29,7 +29,7 @@ from models.hf import flops_per_token, is_ttt, next_token_loss
 from rollout.sync import WeightBroadcast, ray_device
 from rollout.worker import Rollouts
 from training import distributed
-from training.checkpoint import load_latest_checkpoint, rng_state, save_model, set_rng_state
+from training.checkpoint import load_latest_checkpoint, rng_state, save_model, set_rng_state, writing
 from training.data import split_window
 from training.evaluate import heldout_bpb
 from training.losses import rlp_policy_loss, thought_batch
@@ -220,11 +220,13 @@ class Learner:
         """`extra`: the driver's own state (loader, RNGs, the workers' generators), saved with ours."""
         # DCP: every rank writes its shards, and any number of ranks reads them; model/ is gathered on rank 0.
         state = {"version": self.version, "counters": self.counters, "rng": rng_state(), "extra": extra or {}}
-        path = distributed.save_sharded_checkpoint(self.run_dir, self.version, state,
-                                                   distributed.sharded_state(self.model, self.ema, self.optimizer))
+        with writing(self.run_dir / "checkpoints"):
+            path = distributed.save_sharded_checkpoint(self.run_dir, self.version, state,
+                                                       distributed.sharded_state(self.model, self.ema, self.optimizer))
         model = self.plain_model()
         if model is not None:
-            save_model(model, self.run_dir / "model")
+            with writing(self.run_dir / "model"):
+                save_model(model, self.run_dir / "model")
         return str(path)
 
     def resume(self) -> dict | None:

@@ -14,7 +14,7 @@ import torch
 
 from models import PonderConfig, PonderForCausalLM
 from training.config import ConfigError, ModelConfig, TTTConfig, load_config, save_config
-from training.checkpoint import latest_checkpoint, save_model
+from training.checkpoint import StorageError, latest_checkpoint, save_model
 from training.cluster import outputs_root, submitted_job
 from training.preflight import check_resume, with_base_tokenizer
 
@@ -33,6 +33,17 @@ def config_errors_exit():
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+@contextmanager
+def storage_errors_exit():
+    """A StorageError (a full disk, a permission), raised here or inside a Ray actor (which wraps it),
+    becomes one line and exit status 1."""
+    try:
+        yield
+    except StorageError as e:
+        print(f"error: {str(getattr(e, 'cause', None) or e).strip().splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def prepare_run_dir(cfg) -> Path:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from training.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, save_model, set_rng_state
+from training.checkpoint import (load_latest_checkpoint, rng_state, save_checkpoint, save_model, set_rng_state,
+                                 writing)
 from training.carry import CarriedState
 from training.config import ConfigError, OptimConfig, PretrainConfig, check_carry_backprop
 from training.cuda_graph import GraphedStep
@@ -212,8 +213,10 @@ class Trainer:
         self.tokens_thought, self.consecutive_skips = state["tokens_thought"], state.get("consecutive_skips", 0)
 
     def save(self) -> Path:
-        path = save_checkpoint(self.run_dir, self.step, self.state_dict())
-        save_model(self.model, self.run_dir / "model")  # the latest weights, for from_pretrained
+        with writing(self.run_dir / "checkpoints"):
+            path = save_checkpoint(self.run_dir, self.step, self.state_dict())
+        with writing(self.run_dir / "model"):
+            save_model(self.model, self.run_dir / "model")  # the latest weights, for from_pretrained
         return path
 
     def maybe_resume(self) -> int | None:

@@ -65,6 +65,32 @@ def test_resume_true_without_a_run_fails_and_auto_starts_then_continues(tmp_path
     assert not list(tmp_path.glob("r.*"))  # nothing moved aside: the same run went on
 
 
+def test_a_live_run_holds_its_directory_and_a_dead_ones_lock_is_taken_over(tmp_path, corpus, capsys):
+    """A second run on a live run's directory, fresh or resumed, stops before touching it, naming the
+    holder; once the holder is dead its lock is taken over."""
+    import socket
+    import subprocess
+    import sys
+
+    args = [f"out_dir={tmp_path}", "run_name=r", f"data.source={corpus}", "data.heldout_fraction=0.2", *TINY,
+            "train.steps=2", "train.save_every=2"]
+    pretrain.main(args)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "r" / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                                          "started": "earlier"}))
+        for resume in ("false", "true"):
+            err = fails_at_start(capsys, pretrain.main, [*args, f"resume={resume}"])
+            assert f"in use by a run (pid {holder.pid} on {socket.gethostname()}" in err
+        assert not list(tmp_path.glob("r.*")) and (tmp_path / "r" / "checkpoints").is_dir()  # not moved aside
+    finally:
+        holder.kill()
+        holder.wait()
+    pretrain.main([*args, "resume=true", "train.steps=3", "train.save_every=3"])
+    out = capsys.readouterr().out
+    assert "taken over" in out and f"resumed {tmp_path / 'r'} at step 2" in out
+
+
 def test_base_that_is_not_a_model_fails_before_ray(tmp_path, corpus, capsys):
     import ray
 

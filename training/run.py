@@ -17,6 +17,7 @@ from training.config import ConfigError, ModelConfig, TTTConfig, load_config, sa
 from training.checkpoint import StorageError, latest_checkpoint, save_model
 from training.cluster import outputs_root, submitted_job
 from training.preflight import check_resume, with_base_tokenizer
+from training.run_lock import check_unlocked, lock
 
 
 def parse_config_or_exit(schema: type, yaml_path: str | Path, argv: list[str]):
@@ -47,10 +48,12 @@ def storage_errors_exit():
 
 
 def prepare_run_dir(cfg) -> Path:
-    """<out_dir>/<run_name>, absolute and durable (see training/cluster.py). Settles cfg.resume
-    in place: auto becomes true when the run exists, true without a run is a ConfigError. A fresh
-    start over an earlier run of the same name moves that run aside (to <run_name>.<time>)."""
+    """<out_dir>/<run_name>, absolute and durable (see training/cluster.py), locked for this process
+    (training/run_lock.py: a live run there is refused). Settles cfg.resume in place: auto becomes
+    true when the run exists, true without a run is a ConfigError. A fresh start over an earlier run
+    of the same name moves that run aside (to <run_name>.<time>)."""
     run_dir = outputs_root(cfg.out_dir) / cfg.run_name
+    check_unlocked(run_dir)  # a live run there is neither moved aside nor resumed
     cfg.resume = check_resume(cfg, run_dir)
     if not cfg.resume and run_dir.exists() and any(run_dir.iterdir()):
         aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
@@ -59,6 +62,7 @@ def prepare_run_dir(cfg) -> Path:
     if cfg.resume and latest_checkpoint(run_dir) is None:
         print(f"resume=true but {run_dir} holds no checkpoint yet: starting it from its beginning")
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     print(f"outputs in {run_dir}" + (" (a submitted job: relative out_dir resolves under $PONDER_HOME, "
                                      "default ~/ponder)" if submitted_job() else ""))

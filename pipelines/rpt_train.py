@@ -29,7 +29,8 @@ from rollout.rpt import RPTWorker  # noqa: E402
 from training.cluster import start_ray  # noqa: E402
 from training.config import CONFIG_DIR, RPTTrainConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
-from training.preflight import check_base, check_data_files, check_proxy_vocab, check_tokenizer_fits  # noqa: E402
+from training.preflight import (check_base, check_data_files, check_proxy_vocab, check_tokenizer_fits,  # noqa: E402
+                                with_base_tokenizer)
 from training.rlp_loop import run_graph  # noqa: E402
 from training.rpt import RPTAccuracy  # noqa: E402
 from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir, think_ready_base  # noqa: E402
@@ -47,14 +48,14 @@ def main(argv: list[str]) -> dict:
         base = Path(cfg.base).expanduser().resolve()
         check_base(base)
         check_data_files(cfg.data)
-        run_dir = prepare_run_dir(cfg)
-        given = base
-        cfg, base = think_ready_base(cfg, base, run_dir)  # <think> and </think> added where the tokenizer lacks them
         proxy = Path(cfg.rpt.proxy).expanduser().resolve() if cfg.rpt.proxy else base  # by default the base itself
-        if proxy == given:  # the base as its own proxy: the same prepared copy, so they share a vocabulary
+        cfg = with_base_tokenizer(cfg, base)
+        check_proxy_vocab(proxy, base, cfg.data.tokenizer)  # it scores contexts, which hold no think token
+        run_dir = prepare_run_dir(cfg)
+        given, (cfg, base) = base, think_ready_base(cfg, base, run_dir)  # <think>, </think> added where missing
+        if proxy == given:  # the base as its own proxy: the prepared copy, so the two share a vocabulary
             proxy = base
         cfg = dataclasses.replace(cfg, rpt=dataclasses.replace(cfg.rpt, proxy=str(proxy)))
-        check_proxy_vocab(proxy, base, cfg.data.tokenizer)
         data = prepare_data(cfg.data, run_dir, cfg.seed)
         check_tokenizer_fits(base, data.tokenizer)
     started = start_ray(cfg.ray_address)

@@ -6,8 +6,8 @@ through worker deaths and hangs.
     rollouts = pool.gather(pending)         # waits; a dead worker's shard is retried after Ray restarts it
 
 A worker is a Ray actor created with `max_restarts`: when its process dies, Ray starts it again
-from its constructor (the base weights), so before it takes the retried shard it loads the weights
-the learner last sent (`sync`). A worker that does not answer within `timeout_s` is left out of the
+from its constructor (the base weights), so before it samples its next shard (a retried one, or the
+next step's when it died idle) it loads the weights the learner last sent (`sync`). A worker that does not answer within `timeout_s` is left out of the
 step (its shard is dropped). Both are counted: `rollouts/worker_restarts`, `rollouts/worker_timeouts`.
 
 Weights reach the workers through the object store, or (`start_collective`, sync.method=collective)
@@ -39,6 +39,7 @@ class WorkerLost(AllWorkersFailed):
 class Pending:
     shards: list[torch.Tensor]
     futures: list  # one ObjectRef per worker
+    restores: list  # per worker: whether a new life of it had to load the weights first
 
 
 class RolloutPool:
@@ -60,7 +61,11 @@ class RolloutPool:
 
     def submit(self, windows: torch.Tensor) -> Pending:
         shards = list(windows.chunk(len(self.workers)))
-        return Pending(shards, [w.rollout.remote(s) for w, s in zip(self.workers, shards)])
+        # An actor runs its tasks in order: a life that has loaded no weights (Ray restarted it, even
+        # while idle) loads the last ones sent before it samples. The references travel unresolved.
+        weights = list(self.weights) if self.weights is not None else None
+        restores = [w.restore_weights.remote(weights) for w in self.workers]
+        return Pending(shards, [w.rollout.remote(s) for w, s in zip(self.workers, shards)], restores)
 
     def gather(self, pending: Pending) -> list[Rollouts]:
         rollouts = []
@@ -68,6 +73,8 @@ class RolloutPool:
             for attempt in range(self.max_retries + 1):
                 try:
                     rollouts.append(ray.get(future, timeout=self.timeout_s))
+                    with contextlib.suppress(ray.exceptions.RayError):
+                        self.restarts += bool(ray.get(pending.restores[i], timeout=self.timeout_s))
                     break
                 except ray.exceptions.GetTimeoutError:
                     self.timeouts += 1

@@ -92,6 +92,7 @@ class RolloutWorker:
         self.teacher = TorchEngine(AutoModelForCausalLM.from_pretrained(model_dir), device, seed=seed + 1)
         self.reward = get_reward(reward)
         self.generator = torch.Generator().manual_seed(seed)
+        self.weights_loaded = False  # by this life of the actor: a restarted one starts from the base's
 
     @property
     def version(self) -> int:
@@ -100,7 +101,19 @@ class RolloutWorker:
     def load_weights(self, policy_state: dict, ema_state: dict, version: int) -> int:
         self.policy.load_weights(policy_state, version)
         self.teacher.load_weights(ema_state, version)
+        self.weights_loaded = True
         return version
+
+    def restore_weights(self, weights: list | None) -> bool:
+        """Load `weights` (references to the policy, EMA and version last sent) unless this life of the
+        actor has loaded weights already: a worker Ray restarted, busy or idle, starts from the base's.
+        Returns whether it loaded them (a restart the pool counts)."""
+        if self.weights_loaded or not weights:
+            return False
+        import ray
+
+        self.load_weights(*ray.get(weights))
+        return True
 
     def join_sync(self, addr: str, port: int, rank: int, world: int, bucket_mb: float, timeout_s: float) -> None:
         """Join the learner's weight broadcast (sync.method=collective) as member `rank`."""

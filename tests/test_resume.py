@@ -1,6 +1,7 @@
 """Kill -9 and resume: a run of pipelines/rlp_midtrain.py killed during its base pretraining, then
-again during RLP, and resumed each time with resume=true, logs the same metrics as a run never
-killed, bit for bit (timings aside). Real subprocesses, a real local Ray cluster, SIGKILL."""
+again during RLP, and resumed each time with resume=true (taking over the dead run's lock), logs the
+same metrics, example thoughts and summary as a run never killed, bit for bit (timings aside). Real
+subprocesses, a real local Ray cluster, SIGKILL."""
 
 import os
 import random
@@ -62,7 +63,7 @@ def comparable(records):
 
 @pytest.mark.slow
 def test_kill_9_twice_then_resume_matches_an_uninterrupted_run(tmp_path):
-    finish(pipeline(tmp_path, "run_name=whole"))
+    whole_out = finish(pipeline(tmp_path, "run_name=whole"))
 
     run = tmp_path / "killed"
     proc = pipeline(tmp_path, "run_name=killed")  # killed during base pretraining
@@ -80,3 +81,10 @@ def test_kill_9_twice_then_resume_matches_an_uninterrupted_run(tmp_path):
         for step in whole:
             assert resumed[step] == whole[step], (name, step, k)
     assert resumed[12]["rlp/reward_mean"] is not None and resumed[12]["tokens/data"] > 0
+    # The example thoughts hold every step once, as the whole run's; the summary covers the whole run.
+    assert read_metrics(run / "thoughts.jsonl") == read_metrics(tmp_path / "whole" / "thoughts.jsonl")
+
+    def summary(out):
+        return next(line for line in out.splitlines() if "mean information gain" in line)
+
+    assert summary(out) == summary(whole_out)

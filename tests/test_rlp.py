@@ -153,8 +153,8 @@ def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
     learner = ray.remote(Learner).options(num_cpus=1).remote(
         cfg, str(tmp_path / "base"), str(tmp_path / "run"), torch.randint(5, len(tok), (2, 25)),
         torch.ones(len(tok), dtype=torch.long), think_open, tok.pad_token_id)
-    workers = [ray.remote(RolloutWorker).options(num_cpus=0.5).remote(str(tmp_path / "base"), str(tmp_path / "tok"),
-                                                                       cfg.rlp, cfg.reward, i) for i in range(2)]
+    workers = [ray.remote(RolloutWorker).options(num_cpus=0.5, max_restarts=-1).remote(
+        str(tmp_path / "base"), str(tmp_path / "tok"), cfg.rlp, cfg.reward, i) for i in range(2)]
     windows = torch.randint(5, len(tok), (4, 25))
     pool = RolloutPool(workers, timeout_s=120)
     first_batch = None
@@ -185,6 +185,11 @@ def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
     metrics = ray.get(learner.train_step.remote(first_batch, windows))
     assert metrics["rollouts/dropped_stale"] == sum(len(r.samples) for r in first_batch)
     assert "rlp/clip_frac" not in metrics  # no policy-gradient term without fresh samples
+    # A worker that dies idle: Ray starts it again from the base; before its next shard it loads the
+    # weights last sent (version 3), and the pool counts the restart.
+    ray.kill(workers[0], no_restart=False)
+    rollouts = pool.gather(pool.submit(windows))
+    assert [r.version for r in rollouts] == [3, 3] and pool.counters()["rollouts/worker_restarts"] == 1
 
 
 def test_reward_that_raises_is_dropped_and_counted(ray_cluster, tmp_path):

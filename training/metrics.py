@@ -19,9 +19,7 @@ class MetricsLogger:
         killed run wrote after it (they are about to be written again)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        kept = records_until(self.path, resume_step) if resume_step is not None else []
         self._file = open(self.path, "w", buffering=1)
         for record in kept:
             self._file.write(json.dumps(record) + "\n")
@@ -65,8 +63,29 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a .jsonl file; a last line cut short (its writer killed mid-line) is left out."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
+    return records
+
+
+def records_until(path: Path, step: int) -> list[dict[str, Any]]:
+    """The records of `path` up to and including `step` (none if there is no file)."""
+    return [r for r in read_metrics(path) if r["step"] <= step] if path.exists() else []
+
+
+def trim_records(path: Path, step: int) -> None:
+    """Drop the records of `path` past `step`, which a resumed run is about to write again."""
+    if path.exists():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records_until(path, step)))
+        os.replace(tmp, path)
 
 
 def base_counters(base: str | Path) -> dict[str, float]:

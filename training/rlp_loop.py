@@ -27,7 +27,7 @@ from rollout.pool import Pending, RolloutPool
 from training.checkpoint import rng_state, set_rng_state
 from training.config import ConfigError
 from training.data import WindowLoader
-from training.metrics import MetricsLogger
+from training.metrics import MetricsLogger, read_metrics, trim_records
 from training.trainer import timed
 
 CLOSED_FRAC_WARNING = 0.5  # below this share of self-closed thoughts at the first step, the base cannot think
@@ -96,7 +96,7 @@ class RLPLoop:
         if start == 0:
             logger.log({**first, **first_extra}, step=0)
         tqdm.write(f"version {start}: held-out bpb {first['eval/bpb']:.4f}")
-        last_eval, metrics, gains, closed = first, {}, [], []
+        last_eval, metrics = first, {}
         for step in tqdm(range(start + 1, t.steps + 1), desc="rlp", unit="step", initial=start, total=t.steps):
             timings: dict[str, float] = {}
             with timed(timings, "rollout"):
@@ -111,11 +111,7 @@ class RLPLoop:
             metrics.update(self.pool.counters())
             thought_tokens = sum(r.thought_tokens for r in rollouts)
             metrics["perf/rollout_tokens_per_s"] = thought_tokens / timings["timing_s/rollout"]
-            log_thoughts(logger.path.parent, step, rollouts, metrics, first_step=step == start + 1,
-                         cannot_think=self.cannot_think)
-            if rollouts:
-                gains.append(metrics["rlp/reward_mean"])
-                closed.append(metrics["rlp/closed_frac"])
+            log_thoughts(logger.path.parent, step, rollouts, metrics, first_step=step == 1, cannot_think=self.cannot_think)
             if step % t.eval_every == 0 or step == t.steps:
                 with timed(timings, "eval"):
                     last_eval = learner.get(learner.evaluate.remote())
@@ -132,6 +128,9 @@ class RLPLoop:
                 learner.get(learner.save.remote(self.state_dict()))
         tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
         summary = {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
+        # The whole run's steps, those before a resume included (as logged: train.log_every).
+        records = [r for r in read_metrics(logger.path) if "rlp/reward_mean" in r]
+        gains, closed = [r["rlp/reward_mean"] for r in records], [r["rlp/closed_frac"] for r in records]
         if gains:
             k = max(1, len(gains) // 4)  # the first and last quarter of the steps, averaged: one step is noisy
             early, late = sum(gains[:k]) / k, sum(gains[-k:]) / k
@@ -156,6 +155,7 @@ def run_graph(cfg, learner, workers: list, data, run_dir: Path, cannot_think: st
     resumed = ray.get(learner.resume.remote()) if cfg.resume else None
     if resumed is not None:
         loop.load_state_dict(resumed)
+        trim_records(run_dir / "thoughts.jsonl", resumed["version"])  # as the metrics: steps past it come again
         print(f"resumed {run_dir} at version {resumed['version']}")
     logger = MetricsLogger(run_dir, config=dataclasses.asdict(cfg), wandb_mode=cfg.wandb.mode,
                            project=cfg.wandb.project, entity=cfg.wandb.entity, run_name=cfg.run_name,

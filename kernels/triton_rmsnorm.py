@@ -78,6 +78,20 @@ def rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _backward_rows(x_ptr, g_ptr, rstd_ptr, block, cols, col_ok, R, N1, N2, sx0, sx1, sx2, sxd, sg0, sg1, sg2, sgd,
+                   COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """What both backward kernels read for one block of rows: the rows, their mask, x, the incoming
+    gradient g, rstd [BLOCK_R, 1] and the normalised n = x·rstd."""
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = _load_rows(x_ptr, rows, cols, mask, N1, N2, sx0, sx1, sx2, sxd, COMPUTE)
+    g = _load_rows(g_ptr, rows, cols, mask, N1, N2, sg0, sg1, sg2, sgd, COMPUTE)
+    r = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0).to(COMPUTE)[:, None]
+    return rows, mask, x, g, r, x * r
+
+
+@triton.jit
 def rms_norm_bwd_kernel(
     x_ptr, w_ptr, g_ptr, rstd_ptr, dx_ptr, dw_ptr, R, D, N1, N2, ITERS,
     sx0, sx1, sx2, sxd, sg0, sg1, sg2, sgd,
@@ -90,13 +104,8 @@ def rms_norm_bwd_kernel(
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(COMPUTE)
     dw = tl.zeros((BLOCK_D,), dtype=COMPUTE)
     for it in range(ITERS):
-        rows = (pid + it * programs) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < R
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = _load_rows(x_ptr, rows, cols, mask, N1, N2, sx0, sx1, sx2, sxd, COMPUTE)
-        g = _load_rows(g_ptr, rows, cols, mask, N1, N2, sg0, sg1, sg2, sgd, COMPUTE)
-        r = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0).to(COMPUTE)[:, None]
-        n = x * r
+        rows, mask, x, g, r, n = _backward_rows(x_ptr, g_ptr, rstd_ptr, pid + it * programs, cols, col_ok, R, N1, N2,
+                                                sx0, sx1, sx2, sxd, sg0, sg1, sg2, sgd, COMPUTE, BLOCK_R)
         gn = g * w[None, :]
         c = tl.sum(gn * n, axis=1)[:, None] / D
         dx = r * (gn - n * c)
@@ -124,13 +133,8 @@ def rms_norm_bwd_bwd_kernel(
         v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(COMPUTE)[None, :]
     dw = tl.zeros((BLOCK_D,), dtype=COMPUTE)
     for it in range(ITERS):
-        rows = (pid + it * programs) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < R
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = _load_rows(x_ptr, rows, cols, mask, N1, N2, sx0, sx1, sx2, sxd, COMPUTE)
-        g = _load_rows(g_ptr, rows, cols, mask, N1, N2, sg0, sg1, sg2, sgd, COMPUTE)
-        r = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0).to(COMPUTE)[:, None]
-        n = x * r
+        rows, mask, x, g, r, n = _backward_rows(x_ptr, g_ptr, rstd_ptr, pid + it * programs, cols, col_ok, R, N1, N2,
+                                                sx0, sx1, sx2, sxd, sg0, sg1, sg2, sgd, COMPUTE, BLOCK_R)
         gn = g * w
         dx = tl.zeros_like(x)
         dg = tl.zeros_like(x)

@@ -129,7 +129,7 @@ class RLPLoop:
         tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
         summary = {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
         # The whole run's steps, those before a resume included (as logged: train.log_every).
-        records = [r for r in read_metrics(logger.path) if "rlp/reward_mean" in r]
+        records = [r for r in read_metrics(logger.path) if r.get("rlp/reward_mean") is not None]
         gains, closed = [r["rlp/reward_mean"] for r in records], [r["rlp/closed_frac"] for r in records]
         if gains:
             k = max(1, len(gains) // 4)  # the first and last quarter of the steps, averaged: one step is noisy

@@ -113,3 +113,22 @@ def test_one_rlp_step_on_smollm2(smollm2, engine, tmp_path):
     assert last["step"] == 1 and last["rlp/samples"] == 4
     assert torch.isfinite(torch.tensor(last["rlp/reward_mean"]))
     assert summary["eval/bpb"] > 0
+
+
+@pytest.mark.slow
+def test_one_rpt_step_on_smollm2_as_its_own_proxy(smollm2, tmp_path):
+    """RPT on the real model, the model (with its think tokens) as its own entropy proxy."""
+    import pipelines.rpt_train as rpt
+    from training.metrics import read_metrics
+
+    rpt.main([f"base={smollm2}", f"out_dir={tmp_path}", "run_name=smol", "rollout.num_workers=1",
+              "rollout.windows_per_step=2", "rollout.asynchronous=false", "rlp.group_size=2", "rpt.response_max_tokens=8",
+              "rpt.eval_positions=4", "rlp.min_context=8", "data.seq_len=32", "data.num_docs=120", "train.steps=1",
+              "train.eval_every=1", "train.eval_windows=2", "train.save_every=1", "optim.warmup_steps=0",
+              "wandb.mode=disabled"])
+    run = tmp_path / "smol"
+    prepared = run / "base_model"
+    assert (run / "config.yaml").is_file() and (prepared / "tokenizer.json").is_file()
+    last = read_metrics(run / "metrics.jsonl")[-1]
+    assert last["step"] == 1 and last["rlp/samples"] == 4
+    assert all(f"eval/rpt_acc_{b}" in last for b in ("easy", "medium", "hard"))

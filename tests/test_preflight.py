@@ -91,6 +91,14 @@ def test_a_live_run_holds_its_directory_and_a_dead_ones_lock_is_taken_over(tmp_p
     assert "taken over" in out and f"resumed {tmp_path / 'r'} at step 2" in out
 
 
+def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, corpus, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    err = fails_at_start(capsys, pretrain.main, [f"out_dir={blocker / 'runs'}", "run_name=r", f"data.source={corpus}",
+                                                 "data.heldout_fraction=0.2", *TINY])
+    assert f"out_dir={blocker / 'runs'}: cannot write" in err and "[Errno 20]" in err
+
+
 def test_base_that_is_not_a_model_fails_before_ray(tmp_path, corpus, capsys):
     import ray
 

@@ -61,9 +61,13 @@ def prepare_run_dir(cfg) -> Path:
         print(f"an earlier run was at {run_dir}: moved to {aside} (pass resume=true to continue it instead)")
     if cfg.resume and latest_checkpoint(run_dir) is None:
         print(f"resume=true but {run_dir} holds no checkpoint yet: starting it from its beginning")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock(run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+    except OSError as e:  # not writable, a file in the way, a read-only filesystem
+        raise ConfigError(f"out_dir={cfg.out_dir}: cannot write {run_dir} ([Errno {e.errno}] {e.strerror}); give a "
+                          "directory this user can write") from None
     print(f"outputs in {run_dir}" + (" (a submitted job: relative out_dir resolves under $PONDER_HOME, "
                                      "default ~/ponder)" if submitted_job() else ""))
     return run_dir

@@ -19,6 +19,12 @@ that SAME base, on the same windows in the same order with the same optimiser an
   cpt        continued pretraining: the next-token term alone
   rlp        the next-token term plus RLP (rlp.*, reward)
   rlp_plain  rlp on the plain transformer's base: what TTT-E2E adds to RLP
+  rlp_pure   the RLP paper's objective: the RLP term alone (rlp.ttt_weight=0)
+  cpt_flops  cpt given rlp's FLOPs, by reading further into the same stream of windows (needs the
+             cpt and rlp runs of the same out_dir, which run first)
+Several seeds, each its own corpus draw and base, in <out_dir>/seed_<s>/, then every metric as the
+mean with its 95% interval over seeds and the paired tests (training/seed_grid.py):
+    python pipelines/compare.py seeds=[0,1,2] methods=[cpt,rlp,rlp_pure,cpt_flops] budget_tokens=1200000
 Runs land in <out_dir>/<method>[_<tag>]/, bases in <out_dir>/base_{ttt,plain,llama}/, made
 once and reused by later compares into the same out_dir: an ablation is one more compare, e.g.
     python pipelines/compare.py methods=[rlp] tag=g8 rlp.group_size=8
@@ -27,6 +33,7 @@ once and reused by later compares into the same out_dir: an ablation is one more
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -36,12 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pipelines.convert_hf as convert_hf  # noqa: E402
 import pipelines.rlp_midtrain as rlp_midtrain  # noqa: E402
 import pipelines.ttt_pretrain as ttt_pretrain  # noqa: E402
-from training.config import CONFIG_DIR, CompareConfig  # noqa: E402
+from training import seed_grid  # noqa: E402
+from training.config import CONFIG_DIR, CompareConfig, ConfigError, TTTConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
-from training.run import parse_config_or_exit  # noqa: E402
+from training.evaluate import TaskAccuracy  # noqa: E402
+from training.metrics import base_counters, read_metrics  # noqa: E402
+from training.run import config_errors_exit, load_base, parse_config_or_exit  # noqa: E402
 
 
-FROM_BASE = {"cpt": "base_ttt", "rlp": "base_ttt", "rlp_plain": "base_plain", "ttt_warm": "base_llama"}
+FROM_BASE = {"cpt": "base_ttt", "rlp": "base_ttt", "rlp_plain": "base_plain", "ttt_warm": "base_llama",
+             "rlp_pure": "base_ttt", "cpt_flops": "base_ttt"}
 PLAIN_LLAMA = ["model.mode=full", "model.post_norm=false", "model.qk_norm=false"]  # what convert_hf reads
 
 
@@ -49,8 +60,7 @@ def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tu
     """The pipeline that runs `method` (or makes a base) and its key=value overrides."""
     shared = {**{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
               **{f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()}, "data.tokenizer": tokenizer_dir}
-    run_name = f"{method}_{cfg.tag}" if cfg.tag and not method.startswith("base_") else method
-    common = [f"out_dir={cfg.out_dir}", f"run_name={run_name}", f"seed={cfg.seed}",
+    common = [f"out_dir={cfg.out_dir}", f"run_name={run_name(cfg, method)}", f"seed={cfg.seed}",
               *(f"{k}={_value(v)}" for k, v in shared.items() if v is not None),
               f"train.task_problems={cfg.task_problems}", f"train.task_think_tokens={cfg.rlp.thought_max_tokens}",
               f"wandb.mode={cfg.wandb.mode}"]
@@ -63,6 +73,8 @@ def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tu
                               f"train.save_every={steps}", f"optim.lr={cfg.warm_lr}", f"optim.end_lr={cfg.warm_lr / 10}",
                               "optim.warmup_steps=3"]
     if method in FROM_BASE:
+        if method == "cpt_flops":
+            mid_tokens = flops_matched_tokens(cfg)
         steps = max(1, mid_tokens // (cfg.windows_per_step * cfg.data.seq_len))
         overrides = [*common, f"base={Path(cfg.out_dir).resolve() / FROM_BASE[method] / 'model'}",
                      f"reward={cfg.reward}", f"train.data_tokens={mid_tokens}",
@@ -70,8 +82,10 @@ def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tu
                      f"train.save_every={steps}", "train.log_every=1", f"optim.lr={cfg.mid_lr}",
                      f"optim.end_lr={cfg.mid_lr / 10}", "optim.warmup_steps=1",
                      *(f"rlp.{k}={v}" for k, v in dataclasses.asdict(cfg.rlp).items())]
-        if method == "cpt":
+        if method in ("cpt", "cpt_flops"):
             overrides.append("rlp.rlp_weight=0")
+        if method == "rlp_pure":
+            overrides.append("rlp.ttt_weight=0")
         return rlp_midtrain, overrides
     budget = {"base_llama": cfg.budget_tokens - bridge_tokens, "base_ttt": cfg.budget_tokens - mid_tokens,
               "base_plain": cfg.budget_tokens - mid_tokens}.get(method, cfg.budget_tokens)
@@ -84,6 +98,27 @@ def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tu
     mode = "full" if method in ("ntp_plain", "base_plain") else "ttt_e2e"
     augment = {"tpt": "tpt", "base_ttt": "think", "base_plain": "think"}.get(method, "none")
     return ttt_pretrain, [*pretrain, f"model.mode={mode}", f"data.augment={augment}"]
+
+
+def run_name(cfg: CompareConfig, method: str) -> str:
+    return f"{method}_{cfg.tag}" if cfg.tag and not method.startswith("base_") else method
+
+
+def flops_matched_tokens(cfg: CompareConfig) -> int:
+    """The data tokens that give CPT the FLOPs rlp spent after the base: rlp's phase FLOPs over
+    CPT's FLOPs per data token, both as the learner counts them (flops/total)."""
+    out = Path(cfg.out_dir).resolve()
+    base = base_counters(out / "base_ttt" / "model")
+    spent = {}
+    for method in ("cpt", "rlp"):
+        metrics = out / run_name(cfg, method) / "metrics.jsonl"
+        if not metrics.is_file():
+            raise ConfigError(f"cpt_flops needs the finished {run_name(cfg, method)} run in {out}: "
+                              "put cpt and rlp in methods (they run first)")
+        last = read_metrics(metrics)[-1]
+        spent[method] = (last["tokens/data"] - base.get("tokens/data", 0), last["flops/total"] - base.get("flops/total", 0.0))
+    (cpt_tokens, cpt_flops), (_, rlp_flops) = spent["cpt"], spent["rlp"]
+    return math.ceil(rlp_flops * cpt_tokens / cpt_flops)
 
 
 def converted(cfg: CompareConfig) -> Path:
@@ -104,26 +139,50 @@ def _value(v) -> str:
 
 
 def run_order(methods: list[str]) -> list[str]:
-    """The bases the chosen methods start from, first, then the methods."""
+    """The bases the chosen methods start from, first, then the methods, cpt_flops after the runs
+    whose FLOPs it matches."""
     bases = [b for b in ("base_ttt", "base_plain", "base_llama") if any(FROM_BASE.get(m) == b for m in methods)]
-    return bases + list(methods)
+    return bases + sorted(methods, key=lambda m: m == "cpt_flops")
 
 
-def main(argv: list[str]) -> dict[str, dict]:
-    cfg = parse_config_or_exit(CompareConfig, CONFIG_DIR / "compare.yaml", argv)
+def think_eval(cfg: CompareConfig, run_dir: Path, data, think_tokens: int) -> dict:
+    """A finished run's final model evaluated with thoughts of another length, into
+    <run>/task_eval_think<n>.json."""
+    metrics = TaskAccuracy(data.tokenizer, data.heldout_docs, cfg.task_problems,
+                           think_tokens=think_tokens)(load_base(run_dir / "model", TTTConfig()))
+    metrics["think_tokens"] = think_tokens
+    path = run_dir / f"task_eval_think{think_tokens}.json"
+    path.write_text(json.dumps(metrics, indent=1))
+    print(f"{run_dir.name} with thoughts of up to {think_tokens} tokens: task acc after a thought "
+          f"{metrics['eval/task_acc_think']:.3f}, answer NLL after a thought {metrics['eval/answer_nll_think']:.3f} -> {path}")
+    return metrics
+
+
+def run_seed(cfg: CompareConfig) -> dict[str, dict]:
+    """Every method of cfg for its one seed, into cfg.out_dir."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if "cpt_flops" in cfg.methods:
+        with config_errors_exit():
+            missing = [m for m in ("cpt", "rlp") if m not in cfg.methods and
+                       not (out / run_name(cfg, m) / "metrics.jsonl").is_file()]
+            if missing:
+                raise ConfigError(f"methods=[cpt_flops] matches the FLOPs of {run_name(cfg, 'rlp')} against "
+                                  f"{run_name(cfg, 'cpt')}: add {missing} to methods")
     # One tokenizer for every method, trained once on the shared train split.
-    prepare_data(cfg.data, out, cfg.seed)
+    data = prepare_data(cfg.data, out, cfg.seed)
     summaries = {}
     order = run_order(cfg.methods)
     for i, method in enumerate(order, 1):
         if method.startswith("base_") and (out / method / "model" / "config.json").is_file():
             print(f"\n=== [{i}/{len(order)}] {method}: made by an earlier compare in {out / method}, reused")
         else:
-            pipeline, overrides = method_overrides(cfg, method, (out / "tokenizer").resolve())
+            with config_errors_exit():
+                pipeline, overrides = method_overrides(cfg, method, (out / "tokenizer").resolve())
             print(f"\n=== [{i}/{len(order)}] {method}: {pipeline.__name__.split('.')[-1]} {' '.join(overrides)}")
             summaries[method] = pipeline.main(overrides)
+            for n in sorted(set(cfg.eval_think_tokens) - {cfg.rlp.thought_max_tokens}):
+                think_eval(cfg, out / run_name(cfg, method), data, n)
         if method == "base_llama" and not (converted(cfg) / "config.json").is_file():
             convert_base_llama(cfg)
     print(f"\nruns in {out}/<method>/; the dashboard: python pipelines/report.py {out}")
@@ -131,6 +190,21 @@ def main(argv: list[str]) -> dict[str, dict]:
         think = (f"  task acc after a thought {s['eval/task_acc_think']:.3f}  answer NLL after a thought "
                  f"{s['eval/answer_nll_think']:.3f}" if "eval/task_acc_think" in s else "")
         print(f"{method:>10}: held-out bpb {s['eval/bpb']:.4f}  data tokens {s.get('tokens/data', 0):,.0f}{think}")
+    return summaries
+
+
+def main(argv: list[str]) -> dict:
+    cfg = parse_config_or_exit(CompareConfig, CONFIG_DIR / "compare.yaml", argv)
+    if not cfg.seeds:
+        return run_seed(cfg)
+    out = Path(cfg.out_dir)
+    summaries = {}
+    for seed in cfg.seeds:
+        print(f"\n##### seed {seed}: {out / f'seed_{seed}'}")
+        summaries[seed] = run_seed(dataclasses.replace(cfg, seed=seed, out_dir=str(out / f"seed_{seed}")))
+    grid = seed_grid.summarize(out)
+    print("\n" + seed_grid.markdown(grid))
+    print(f"across seeds: {seed_grid.write(grid, out)}; the dashboard: python pipelines/report.py {out}")
     return summaries
 
 

@@ -426,7 +426,7 @@ class RPTTrainConfig(RLPMidtrainConfig):
                               "runs/rlp_midtrain/base/model, or a Hugging Face one) for RPT to train")
 
 
-METHODS = ("ntp_plain", "ntp_ttt", "tpt", "ttt_warm", "cpt", "rlp", "rlp_plain")
+METHODS = ("ntp_plain", "ntp_ttt", "tpt", "ttt_warm", "cpt", "rlp", "rlp_plain", "rlp_pure", "cpt_flops")
 
 
 @dataclass
@@ -435,6 +435,10 @@ class CompareConfig:
 
     out_dir: str = "runs/compare"
     seed: int = 0
+    # Several seeds: the methods once per seed, each from its own corpus draw and base, in
+    # <out_dir>/seed_<s>/, then statistics across seeds (training/seed_grid.py). Empty: `seed` alone.
+    seeds: list = _field([], "must be a list of distinct integers",
+                         lambda v: all(isinstance(s, int) for s in v) and len(set(v)) == len(v))
     methods: list = _field(list(METHODS), f"must be a non-empty list drawn from {list(METHODS)}",
                            lambda v: len(v) > 0 and all(m in METHODS for m in v))
     budget_tokens: int = positive(400_000)  # data tokens every method trains on
@@ -452,6 +456,10 @@ class CompareConfig:
     reward: str = "rlp_info_gain"
     rlp: RLPConfig = field(default_factory=RLPConfig)
     tag: str = ""  # appended to the method runs' names (an ablation beside the main runs)
+    # Thought lengths each method's final model is also evaluated at, besides its own
+    # (rlp.thought_max_tokens): <run>/task_eval_think<n>.json
+    eval_think_tokens: list = _field([], "must be a list of positive integers",
+                                     lambda v: all(isinstance(n, int) and n > 0 for n in v))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -91,7 +91,7 @@ class TaskAccuracy:
       eval/task_acc[_think]    the greedy answer (up to the line's end) graded by the task's scorer
                                (reasoning-gym's, or exact match for worked_arithmetic), with its
                                95% Wilson interval as eval/task_acc[_think]_ci = [low, high].
-    eval/think_closed_frac: the share of thoughts the model closed itself.
+    eval/think_closed_frac: the share of thoughts the model closed itself; eval/task_problems: how many.
     """
 
     def __init__(self, tokenizer, docs, problems: int = 16, max_new_tokens: int = 16, think_tokens: int = 0):
@@ -122,7 +122,8 @@ class TaskAccuracy:
         torch.set_num_threads(1)  # decoding is many tiny ops: more threads only add synchronisation
         model.eval()
         engine = TorchEngine(model, device=next(model.parameters()).device)
-        metrics = self._answer(engine, model, [h + self.lead for h in self.heads], "")
+        metrics = {"eval/task_problems": len(self.rows),
+                   **self._answer(engine, model, [h + self.lead for h in self.heads], "")}
         if self.think_tokens:
             opened = [h + [self.think_open] for h in self.heads]
             thoughts = [g[0].ids for g in engine.generate(opened, 1, self.think_tokens, 0.0, stop=[self.think_close])]

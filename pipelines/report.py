@@ -9,7 +9,9 @@ data tokens each run needed to reach the baseline's final held-out bits per byte
 go to an offline wandb run (`--wandb online` to upload). A run that pretrained its own base model
 (runs/<rlp>/base/) is drawn from the start of that pretraining. A folder with a long_context.json
 (pipelines/long_context.py) gets the long-context panel: loss by position, log x, for every run with
-and without carried state, and the mean loss within and beyond the sliding window.
+and without carried state, and the mean loss within and beyond the sliding window. A folder of
+seeds (compare.py seeds=[...]: seed_<s>/) gets every metric as the mean and 95% interval over
+seeds, bands on the curves, and the paired tests of RLP against its baselines.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from training import seed_grid  # noqa: E402
 from training.long_context import mean_loss  # noqa: E402
 from training.evaluate import wilson_interval  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
@@ -199,6 +202,39 @@ def plot_rpt_accuracy(runs: list[Run], path: Path) -> bool:
     return True
 
 
+def plot_seed_bands(root: Path, y: str, path: Path) -> bool:
+    """y against data tokens, the mean over seeds with its 95% interval as a band, one line per arm."""
+    curves = seed_grid.curves(root, y)
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for name, (xs, mean, low, high) in curves.items():
+        line = ax.plot(xs, mean, marker="o", markersize=3, linewidth=1.8, label=name)[0]
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.18)
+    ax.set_xscale("log")
+    ax.set_title(f"{QUALITY[y].split(' (')[0]}: mean and 95% interval over seeds", fontsize=10)
+    ax.set_xlabel(AXES["tokens/data"])
+    ax.set_ylabel(QUALITY[y])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def seed_tables(grid: dict) -> str:
+    """The comparison across seeds (training/seed_grid.py) as HTML tables."""
+    if not grid["seeds"]:
+        return ""
+    parts = [f"<h2>Across seeds {grid['seeds']}</h2>"]
+    for title, header, rows in seed_grid.tables(grid):
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        parts.append(f"<h3>{html.escape(title)}</h3><table><tr>{head}</tr>{body}</table>")
+    return "\n".join(parts)
+
+
 def long_context_table(curves: dict[str, dict]) -> str:
     """Mean loss within the sliding window, beyond it, and beyond the training window, per run."""
     if not curves:
@@ -353,8 +389,14 @@ def main(argv: list[str]) -> Path:
         pngs.append(out / "long_context.png")
     if plot_rpt_accuracy(runs, out / "rpt_accuracy.png"):
         pngs.append(out / "rpt_accuracy.png")
+    grid = seed_grid.summarize(args.runs)
+    for y in ("eval/bpb", "eval/task_acc_think", "eval/answer_nll_think") if grid["seeds"] else ():
+        path = out / f"seeds_{y.split('/')[1]}.png"
+        if plot_seed_bands(args.runs, y, path):
+            pngs.append(path)
     rows, target = efficiency_table(runs, args.baseline)
-    page = write_html(runs, rows, target, args.baseline, pngs, out, extra=long_context_table(curves))
+    page = write_html(runs, rows, target, args.baseline, pngs, out,
+                      extra=long_context_table(curves) + seed_tables(grid))
     if args.wandb != "disabled":
         log_to_wandb(runs, args.wandb, out)
     for r in rows:

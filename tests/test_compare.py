@@ -1,6 +1,8 @@
 """TPT's data (thinking appended and counted apart) and the comparison pipeline end to end on a
 small budget, read back by the report."""
 
+import json
+
 import pytest
 import torch
 
@@ -76,6 +78,35 @@ def test_cpt_and_rlp_start_from_one_base_and_differ_only_in_the_rlp_term(tmp_pat
     assert "data.augment=think" in base and "model.mode=ttt_e2e" in base
     budget = [int(o.split("=")[1]) for o in base + rlp if o.startswith("train.data_tokens=")]
     assert sum(budget) == cfg.budget_tokens  # the base and the mid-training phase share the budget
+    _, pure = compare.method_overrides(cfg, "rlp_pure", tmp_path / "tok")
+    assert set(pure) ^ set(rlp) == {"run_name=rlp_pure", "run_name=rlp", "rlp.ttt_weight=0"}
+    assert compare.run_order(["cpt_flops", "rlp", "cpt"]) == ["base_ttt", "rlp", "cpt", "cpt_flops"]
+
+
+@pytest.mark.slow
+def test_seeds_grid_runs_each_seed_from_its_own_base_and_reports(tmp_path):
+    """compare.py seeds=[0,1] with cpt, rlp and cpt_flops on a tiny budget: one base per seed,
+    cpt_flops given rlp's FLOPs, the statistics across seeds written and drawn."""
+    out = tmp_path / "grid"
+    compare.main([f"out_dir={out}", "seeds=[0,1]", "methods=[cpt,rlp,cpt_flops]", f"budget_tokens={8 * 64 * 12}",
+                  "eval_points=1", "task_problems=4", "windows_per_step=4", "rlp.thought_max_tokens=4",
+                  "eval_think_tokens=[2]", f"data.cache_dir={tmp_path / 'cache'}", *SMALL])
+    grid = json.loads((out / "seeds.json").read_text())
+    assert grid["seeds"] == [0, 1]
+    bases = [read_metrics(out / f"seed_{s}" / "base_ttt" / "metrics.jsonl")[-1]["eval/bpb"] for s in (0, 1)]
+    assert bases[0] != bases[1]  # each seed its own corpus draw and base
+    for s in ("0", "1"):
+        runs = grid["runs"]
+        rlp, cpt, matched = runs["rlp"][s], runs["cpt"][s], runs["cpt_flops"][s]
+        assert rlp["phase/flops/total"] > cpt["phase/flops/total"]  # thoughts cost FLOPs
+        # cpt_flops spends rlp's FLOPs, up to the last partial step
+        per_step = cpt["phase/flops/total"] / (cpt["phase/tokens/data"] / (4 * 64))
+        assert abs(matched["phase/flops/total"] - rlp["phase/flops/total"]) <= per_step
+        assert "eval/task_acc_think@2" in rlp and "eval/task_acc_think@2" in matched
+    pairs = {(p["a"], p["b"], p["metric"]) for p in grid["pairs"]}
+    assert ("rlp", "cpt", "eval/bpb") in pairs and ("rlp", "cpt_flops", "pooled task acc after a thought") in pairs
+    page = report.main([str(out), "--wandb", "disabled"]).read_text()
+    assert "Across seeds [0, 1]" in page and (out / "report" / "seeds_bpb.png").is_file()
 
 
 def test_unknown_method_is_refused():

@@ -1,18 +1,16 @@
 """The rollout workers as one pool, seen from the driver: shards of windows out, Rollouts back,
 through worker deaths and hangs.
 
-    pool = RolloutPool(workers, timeout_s=600)
+    pool = RolloutPool(workers, timeout_s=600, sync=weight_sync(cfg.sync, learner, workers, 600))
     pending = pool.submit(windows)          # returns at once: the workers sample in the background
     rollouts = pool.gather(pending)         # waits; a dead worker's shard is retried after Ray restarts it
 
 A worker is a Ray actor created with `max_restarts`: when its process dies, Ray starts it again
 from its constructor (the base weights), so before it samples its next shard (a retried one, or the
-next step's when it died idle) it loads the weights the learner last sent (`sync`). A worker that does not answer within `timeout_s` is left out of the
-step (its shard is dropped). Both are counted: `rollouts/worker_restarts`, `rollouts/worker_timeouts`.
-
-Weights reach the workers through the object store, or (`start_collective`, sync.method=collective)
-by learner rank 0's broadcast over a process group with every worker (rollout/sync.py). Such a
-group cannot take a restarted process back: with it, a worker's death stops the run (resume=true).
+next step's when it died idle) it loads the weights the learner last sent (`pool.sync`, rollout/sync.py). A worker that does not
+answer within `timeout_s` is left out of the step (its shard is dropped). Both are counted:
+`rollouts/worker_restarts`, `rollouts/worker_timeouts`. A sync that cannot take a restarted process
+back (sync.method=collective) makes a worker's death stop the run (resume=true).
 """
 
 from __future__ import annotations
@@ -24,7 +22,8 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from rollout.worker import Rollouts
+from rollout.rollouts import Rollouts
+from rollout.sync import CollectiveSync, ObjectStoreSync
 
 
 class AllWorkersFailed(RuntimeError):
@@ -43,27 +42,15 @@ class Pending:
 
 
 class RolloutPool:
-    def __init__(self, workers: list, timeout_s: float, max_retries: int = 2):
-        self.workers, self.timeout_s, self.max_retries = workers, timeout_s, max_retries
-        self.weights = None  # the (policy, ema, version) refs last sent, for a restarted worker
+    def __init__(self, workers: list, timeout_s: float, sync: ObjectStoreSync | CollectiveSync, max_retries: int = 2):
+        self.workers, self.timeout_s, self.sync, self.max_retries = workers, timeout_s, sync, max_retries
         self.restarts = self.timeouts = 0
-        self.collective = False
-
-    def start_collective(self, learner, bucket_mb: float) -> None:
-        """One process group: learner rank 0 (member 0, the group's host) and every worker."""
-        addr, port = ray.get(learner.rendezvous.remote())
-        world = 1 + len(self.workers)
-        refs = [learner.join_sync.remote(addr, port, world, bucket_mb, self.timeout_s)]
-        refs += [w.join_sync.remote(addr, port, i + 1, world, bucket_mb, self.timeout_s)
-                 for i, w in enumerate(self.workers)]
-        ray.get(refs)
-        self.collective = True
 
     def submit(self, windows: torch.Tensor) -> Pending:
         shards = list(windows.chunk(len(self.workers)))
         # An actor runs its tasks in order: a life that has loaded no weights (Ray restarted it, even
         # while idle) loads the last ones sent before it samples. The references travel unresolved.
-        weights = list(self.weights) if self.weights is not None else None
+        weights = self.sync.last_sent()
         restores = [w.restore_weights.remote(weights) for w in self.workers]
         return Pending(shards, [w.rollout.remote(s) for w, s in zip(self.workers, shards)], restores)
 
@@ -81,7 +68,7 @@ class RolloutPool:
                     ray.cancel(future, force=False)
                     break
                 except ray.exceptions.RayActorError:  # died (or is restarting): retry the shard on its next life
-                    if self.collective:
+                    if not self.sync.survives_worker_death:
                         raise WorkerLost(f"rollout worker {i} died and sync.method=collective cannot take its next life "
                                          "into the broadcast group; resume=true continues from the last checkpoint "
                                          "(sync.method=object_store survives worker deaths)") from None
@@ -95,24 +82,11 @@ class RolloutPool:
                                    "from the last checkpoint")
         return rollouts
 
-    def sync(self, learner, wait: bool = True) -> None:
-        """The learner's current policy and EMA weights into every worker (object store, once).
-        Without `wait` they land behind any rollout in flight (an actor runs its tasks in order)."""
-        if self.collective:  # learner rank 0 broadcasts, every worker receives
-            refs = [learner.broadcast_weights.remote()] + [w.receive_weights.remote() for w in self.workers]
-            if wait:
-                ray.get(refs)
-            return
-        self.weights = learner.weights.options(num_returns=3).remote()
-        refs = [w.load_weights.remote(*self.weights) for w in self.workers]
-        for ref in refs if wait else ():
-            with contextlib.suppress(ray.exceptions.RayActorError):  # a dead worker is restored before its next shard
-                ray.get(ref)
-
     def _restore(self, worker):
         """A restarted worker gets the last weights sent (its constructor loaded the base's)."""
-        if self.weights is not None:
-            self.call(worker, "load_weights", *self.weights)
+        weights = self.sync.last_sent()
+        if weights is not None:
+            self.call(worker, "load_weights", *weights)
         return worker
 
     def call(self, worker, method: str, *args):

@@ -16,7 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rollout.worker import TARGET_TOKENS, Rollouts, RolloutWorker
+from rollout.rollouts import TARGET_TOKENS, Rollouts
+from rollout.worker import RolloutWorker
 
 
 def top_k_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:

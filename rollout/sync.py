@@ -1,9 +1,18 @@
-"""Where an actor's weights live and how they travel from the learner to the engines.
+"""How the learner's weights reach the rollout workers: one interface, two methods, chosen once
+by `weight_sync(sync_cfg, learner, workers, timeout_s)`.
 
     sync.method=object_store   learner.weights() into Ray's object store once; every worker reads it
     sync.method=collective     learner rank 0 broadcasts the weights in buckets of sync.bucket_mb over
                                one process group of its own joining it with every engine (NCCL on
                                GPU, gloo on CPU): no copy through the object store, one send per bucket
+
+    sync = weight_sync(cfg.sync, learner, workers, timeout_s)
+    sync.push(wait=True)     # the learner's current policy and EMA into every worker
+    sync.last_sent()         # what a restarted worker loads before it samples (object store only)
+
+The learner side is an actor (or group) with weights(), rendezvous(), join_sync() and
+broadcast_weights() (training/learner.py); a worker has load_weights(), join_sync() and
+receive_weights() (rollout/worker.py).
 
 The broadcast carries the policy and the EMA teacher, each as the state dict's tensors in order
 (the engines hold the same architecture, so the layout is known on both sides), after a header
@@ -12,8 +21,10 @@ The broadcast carries the policy and the EMA teacher, each as the state dict's t
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
+import ray
 import torch
 import torch.distributed as dist
 
@@ -21,8 +32,6 @@ import torch.distributed as dist
 def ray_device() -> torch.device:
     """The device of the Ray actor this runs in: its first assigned GPU (Ray sets
     CUDA_VISIBLE_DEVICES to the GPUs it assigned), else the CPU."""
-    import ray
-
     return torch.device("cuda", 0) if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -81,3 +90,56 @@ class WeightBroadcast:
                 j, k = keys[i]
                 out[j][k] = piece.view(tensors[i].shape)
         return out, version
+
+
+class ObjectStoreSync:
+    """learner.weights() put into the object store once per push; every worker loads the references.
+    A restarted worker loads the last ones sent (`last_sent`), so this survives worker deaths."""
+
+    survives_worker_death = True
+
+    def __init__(self, learner, workers: list):
+        self.learner, self.workers = learner, workers
+        self.sent = None  # the (policy, ema, version) references last pushed
+
+    def push(self, wait: bool = True) -> None:
+        """Without `wait` the weights land behind any rollout in flight (an actor runs its tasks in order)."""
+        self.sent = self.learner.weights.options(num_returns=3).remote()
+        refs = [w.load_weights.remote(*self.sent) for w in self.workers]
+        for ref in refs if wait else ():
+            with contextlib.suppress(ray.exceptions.RayActorError):  # a dead worker is restored before its next shard
+                ray.get(ref)
+
+    def last_sent(self) -> list | None:
+        return list(self.sent) if self.sent is not None else None
+
+
+class CollectiveSync:
+    """One process group: learner rank 0 (member 0, the group's host) and every worker. Such a group
+    cannot take a restarted process back, so a worker's death stops the run (resume=true)."""
+
+    survives_worker_death = False
+
+    def __init__(self, learner, workers: list, bucket_mb: float, timeout_s: float):
+        self.learner, self.workers = learner, workers
+        addr, port = ray.get(learner.rendezvous.remote())
+        world = 1 + len(workers)
+        refs = [learner.join_sync.remote(addr, port, world, bucket_mb, timeout_s)]
+        refs += [w.join_sync.remote(addr, port, i + 1, world, bucket_mb, timeout_s) for i, w in enumerate(workers)]
+        ray.get(refs)
+
+    def push(self, wait: bool = True) -> None:
+        """Learner rank 0 broadcasts, every worker receives."""
+        refs = [self.learner.broadcast_weights.remote()] + [w.receive_weights.remote() for w in self.workers]
+        if wait:
+            ray.get(refs)
+
+    def last_sent(self) -> None:
+        return None
+
+
+def weight_sync(sync_cfg, learner, workers: list, timeout_s: float) -> ObjectStoreSync | CollectiveSync:
+    """The weight sync that sync_cfg.method names (sync_cfg.bucket_mb for the collective)."""
+    if sync_cfg.method == "collective":
+        return CollectiveSync(learner, workers, sync_cfg.bucket_mb, timeout_s)
+    return ObjectStoreSync(learner, workers)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import PonderConfig, PonderForCausalLM
-from rollout.worker import ThoughtSample
+from rollout.rollouts import ThoughtSample
 from training.config import CONFIG_DIR, RLPMidtrainConfig, load_config
 from training.distributed import ResourceError, check_resources
 
@@ -63,7 +63,7 @@ def batch(seed=0):
 
 
 def rollouts(samples):
-    from rollout.worker import Rollouts
+    from rollout.rollouts import Rollouts
 
     return [Rollouts(version=0, samples=samples, rewards=[s.reward for s in samples])]
 
@@ -191,7 +191,7 @@ def test_collective_sync_gives_every_engine_the_learners_weights(ray_cluster, le
     """Learner rank 0 broadcasts policy and EMA in many small buckets; every engine ends with
     exactly the learner's tensors and version."""
     ray = ray_cluster
-    from rollout.pool import RolloutPool
+    from rollout.sync import CollectiveSync
     from rollout.worker import RolloutWorker
     from training.tokenizer import train_tokenizer
 
@@ -203,12 +203,11 @@ def test_collective_sync_gives_every_engine_the_learners_weights(ray_cluster, le
     engines = [ray.remote(RolloutWorker).options(num_cpus=0.5).remote(
         str(tmp_path / "base"), str(tmp_path / "tok"), cfg.rlp, cfg.reward, i) for i in range(workers)]
     learners.actors.extend(engines)
-    pool = RolloutPool(engines, timeout_s=120)
-    pool.start_collective(learner, bucket_mb=0.01)  # ~10 KB buckets: dozens of broadcasts
+    sync = CollectiveSync(learner, engines, bucket_mb=0.01, timeout_s=120)  # ~10 KB buckets: dozens of broadcasts
     windows, samples = batch()
     for step in range(2):
         learner.get(learner.train_step.remote(rollouts(samples), windows))
-        pool.sync(learner)
+        sync.push()
     policy, ema, version = learner.get(learner.weights.options(num_returns=3).remote())
     assert version == 2 and max_rel_err(policy, ema) > 1e-4  # two different models travelled
     for e in engines:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from models import PonderConfig, PonderForCausalLM
 from rewards import RewardInput, get_reward
 from rollout.torch_engine import TorchEngine
-from rollout.worker import Rollouts, ThoughtSample, choose_positions
+from rollout.rollouts import Rollouts, ThoughtSample
+from rollout.worker import choose_positions
 from training.config import CONFIG_DIR, ConfigError, RLPMidtrainConfig, load_config
 from training.losses import rlp_policy_loss, thought_batch
 
@@ -136,6 +137,7 @@ def test_unknown_reward_fails_at_start_listing_the_registered_ones():
 def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
     ray = ray_cluster
     from rollout.pool import RolloutPool
+    from rollout.sync import ObjectStoreSync
     from rollout.worker import RolloutWorker
     from training.learner import Learner
     from training.tokenizer import train_tokenizer
@@ -156,7 +158,7 @@ def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
     workers = [ray.remote(RolloutWorker).options(num_cpus=0.5, max_restarts=-1).remote(
         str(tmp_path / "base"), str(tmp_path / "tok"), cfg.rlp, cfg.reward, i) for i in range(2)]
     windows = torch.randint(5, len(tok), (4, 25))
-    pool = RolloutPool(workers, timeout_s=120)
+    pool = RolloutPool(workers, timeout_s=120, sync=ObjectStoreSync(learner, workers))
     first_batch = None
     for step in range(3):
         rollouts = ray.get([w.rollout.remote(s) for w, s in zip(workers, windows.chunk(2))])
@@ -170,7 +172,7 @@ def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
         # fast weights included.
         assert metrics["rlp/ratio_mean"] == pytest.approx(1.0, abs=1e-4) and metrics["rlp/clip_frac"] == 0
         last_batch = rollouts
-        pool.sync(learner)
+        pool.sync.push()
     assert ray.get(learner.get_version.remote()) == 3
     learner_weights = ray.get(learner.weights.remote())[0]
     for w in workers:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from models import PonderConfig, PonderForCausalLM
 from rollout import Engine, TorchEngine
 from rollout.vllm_engine import VLLMEngine
-from rollout.worker import Rollouts
+from rollout.rollouts import Rollouts
 from training.config import CONFIG_DIR, RLPMidtrainConfig, load_config
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -186,7 +186,7 @@ def test_the_learner_trains_a_hugging_face_llama(base, tok, tmp_path):
     """models/hf.py: the loss with aligned targets is Hugging Face's own shifted `labels` loss; the
     learner takes a step on a Llama (next-token and RLP terms) and counts its FLOPs."""
     from models.hf import flops_per_token, is_ponder, is_ttt, next_token_loss
-    from rollout.worker import ThoughtSample
+    from rollout.rollouts import ThoughtSample
     from training.learner import Learner
 
     model, model_dir = base
@@ -244,7 +244,7 @@ def ttt_base(tok, tmp_path_factory):
 def test_two_rlp_steps_on_ray_with_a_vllm_worker(ray_cluster, which, tok, tmp_path, request):
     """A Llama, and a TTT-E2E Ponder model served by rollout/vllm_plugin (fast weights learning in vLLM)."""
     ray = ray_cluster
-    from rollout.pool import RolloutPool
+    from rollout.sync import ObjectStoreSync
     from rollout.worker import RolloutWorker
     from training.learner import Learner
 
@@ -268,7 +268,7 @@ def test_two_rlp_steps_on_ray_with_a_vllm_worker(ray_cluster, which, tok, tmp_pa
         assert metrics["rlp/samples"] == 6
         # Synchronous: the learner's log-probs of vLLM's thoughts are vLLM's own (ratio 1, no clip).
         assert metrics["rlp/ratio_mean"] == pytest.approx(1.0, abs=TOL) and metrics["rlp/clip_frac"] == 0
-        RolloutPool([worker], timeout_s=300).sync(learner)
+        ObjectStoreSync(learner, [worker]).push()
     assert ray.get(learner.get_version.remote()) == ray.get(worker.__ray_call__.remote(lambda w: w.version)) == 2
     # The worker's vLLM now scores with the learner's weights, which moved away from the base.
     sequences, targets = [windows[0, :10].tolist(), windows[1, :7].tolist()], [3, 4]

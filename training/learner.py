@@ -27,7 +27,7 @@ import torch
 
 from models.hf import flops_per_token, is_ttt, next_token_loss
 from rollout.sync import WeightBroadcast, ray_device
-from rollout.worker import Rollouts
+from rollout.rollouts import Rollouts
 from training import distributed
 from training.checkpoint import load_latest_checkpoint, rng_state, save_model, set_rng_state, writing
 from training.data import split_window

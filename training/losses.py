@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rollout.worker import ThoughtSample
+from rollout.rollouts import ThoughtSample
 
 
 def thought_batch(samples: list[ThoughtSample], think_open: int, pad_id: int):

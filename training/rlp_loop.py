@@ -24,6 +24,7 @@ import ray
 from tqdm.auto import tqdm
 
 from rollout.pool import Pending, RolloutPool
+from rollout.sync import weight_sync
 from training.checkpoint import rng_state, set_rng_state
 from training.config import ConfigError
 from training.data import WindowLoader
@@ -74,7 +75,7 @@ class RLPLoop:
             self.dropped_streak, self.first_drop = state["dropped_streak"], state["first_drop"]
         self.ahead = state.get("ahead")
         self.pool.load_state_dict(state.get("pool", {}))
-        self.pool.sync(self.learner)
+        self.pool.sync.push()
 
     # ---------------------------------------------------------------------------------- loop
     def check_dropped(self, frac: float, rollouts, step: int) -> None:
@@ -107,7 +108,7 @@ class RLPLoop:
             with timed(timings, "train"):
                 metrics = learner.get(learner.train_step.remote(rollouts, windows))
             with timed(timings, "sync"):
-                self.pool.sync(learner, wait=not asynchronous)
+                self.pool.sync.push(wait=not asynchronous)
             metrics.update(self.pool.counters())
             thought_tokens = sum(r.thought_tokens for r in rollouts)
             metrics["perf/rollout_tokens_per_s"] = thought_tokens / timings["timing_s/rollout"]
@@ -147,9 +148,8 @@ def run_graph(cfg, learner, workers: list, data, run_dir: Path, cannot_think: st
     if not ray.get(learner.sees.remote(str(run_dir / "config.yaml"))):
         raise ConfigError(f"the learner runs on another node and cannot see {run_dir}: on several nodes "
                           "give out_dir=<a path on a filesystem every node sees>")
-    pool = RolloutPool(workers, cfg.rollout.timeout_s)
-    if cfg.sync.method == "collective":
-        pool.start_collective(learner, cfg.sync.bucket_mb)
+    timeout_s = cfg.rollout.timeout_s
+    pool = RolloutPool(workers, timeout_s, sync=weight_sync(cfg.sync, learner, workers, timeout_s))
     loop = RLPLoop(cfg, learner, pool, WindowLoader(data.train_windows, cfg.rollout.windows_per_step, cfg.seed),
                    cannot_think)
     resumed = ray.get(learner.resume.remote()) if cfg.resume else None

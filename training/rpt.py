@@ -14,7 +14,7 @@ import torch
 from rewards import RewardInput, get_reward
 from rollout.rpt import candidate_positions, pick, proxy_entropy
 from rollout.tokens import token_texts
-from rollout.worker import TARGET_TOKENS
+from rollout.rollouts import TARGET_TOKENS
 
 BUCKETS = {"easy": 0.5, "medium": 1.0, "hard": 1.5}  # proxy entropy (nats) a position is above
 

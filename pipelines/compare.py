@@ -35,40 +35,49 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pipelines.convert_hf as convert_hf  # noqa: E402
-import pipelines.rlp_midtrain as rlp_midtrain  # noqa: E402
-import pipelines.ttt_pretrain as ttt_pretrain  # noqa: E402
 from training import seed_grid  # noqa: E402
 from training.config import CONFIG_DIR, CompareConfig, ConfigError, TTTConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
 from training.evaluate import TaskAccuracy  # noqa: E402
-from training.metrics import base_counters, read_metrics  # noqa: E402
-from training.run import config_errors_exit, load_base, parse_config_or_exit  # noqa: E402
+from training.metrics import base_counters, read_metrics, run_summary  # noqa: E402
+from training.run import config_errors_exit, export_llama, load_base, parse_config_or_exit  # noqa: E402
 
 
 FROM_BASE = {"cpt": "base_ttt", "rlp": "base_ttt", "rlp_plain": "base_plain", "ttt_warm": "base_llama",
              "rlp_pure": "base_ttt", "cpt_flops": "base_ttt"}
 PLAIN_LLAMA = ["model.mode=full", "model.post_norm=false", "model.qk_norm=false"]  # what convert_hf reads
+PIPELINES = Path(__file__).resolve().parent
 
 
-def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tuple[object, list[str]]:
+def run_pipeline(name: str, overrides: list[str]) -> None:
+    """pipelines/<name>.py with key=value overrides, in a process of its own (its own Ray, its own
+    memory); a failure stops the comparison with the pipeline's exit status."""
+    done = subprocess.run([sys.executable, str(PIPELINES / f"{name}.py"), *overrides])
+    if done.returncode:
+        print(f"error: {name} exited with status {done.returncode} (its output is above); the runs that finished "
+              "are kept and reused by the same command", file=sys.stderr)
+        raise SystemExit(done.returncode)
+
+
+def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tuple[str, list[str]]:
     """The pipeline that runs `method` (or makes a base) and its key=value overrides."""
     shared = {**{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
               **{f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()}, "data.tokenizer": tokenizer_dir}
     common = [f"out_dir={cfg.out_dir}", f"run_name={run_name(cfg, method)}", f"seed={cfg.seed}",
               *(f"{k}={_value(v)}" for k, v in shared.items() if v is not None),
-              f"train.task_problems={cfg.task_problems}", f"train.task_think_tokens={cfg.rlp.thought_max_tokens}",
-              f"wandb.mode={cfg.wandb.mode}"]
+              f"train.task_problems={cfg.task_problems}", f"wandb.mode={cfg.wandb.mode}"]
+    think = f"train.task_think_tokens={cfg.rlp.thought_max_tokens}"  # pretraining's; RLP reads rlp.thought_max_tokens
     mid_tokens = int(cfg.budget_tokens * cfg.rlp_fraction)
     bridge_tokens = int(cfg.budget_tokens * cfg.warm_fraction)
     if method == "ttt_warm":
         steps = max(1, math.ceil(bridge_tokens / (cfg.batch_size * cfg.data.seq_len)))
-        return ttt_pretrain, [*common, f"base={converted(cfg)}", f"train.data_tokens={bridge_tokens}",
+        return "ttt_pretrain", [*common, think, f"base={converted(cfg)}", f"train.data_tokens={bridge_tokens}",
                               f"train.batch_size={cfg.batch_size}", f"train.eval_every={max(1, steps // cfg.eval_points)}",
                               f"train.save_every={steps}", f"optim.lr={cfg.warm_lr}", f"optim.end_lr={cfg.warm_lr / 10}",
                               "optim.warmup_steps=3"]
@@ -86,18 +95,18 @@ def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tu
             overrides.append("rlp.rlp_weight=0")
         if method == "rlp_pure":
             overrides.append("rlp.ttt_weight=0")
-        return rlp_midtrain, overrides
+        return "rlp_midtrain", overrides
     budget = {"base_llama": cfg.budget_tokens - bridge_tokens, "base_ttt": cfg.budget_tokens - mid_tokens,
               "base_plain": cfg.budget_tokens - mid_tokens}.get(method, cfg.budget_tokens)
     steps = max(1, math.ceil(budget / (cfg.batch_size * cfg.data.seq_len)))  # as the trainer counts
-    pretrain = [*common, f"train.data_tokens={budget}", f"train.batch_size={cfg.batch_size}",
+    pretrain = [*common, think, f"train.data_tokens={budget}", f"train.batch_size={cfg.batch_size}",
                 f"train.eval_every={max(1, steps // cfg.eval_points)}", f"train.save_every={steps}",
                 "optim.warmup_steps=30", f"optim.lr={cfg.lr}"]
     if method == "base_llama":
-        return ttt_pretrain, [*pretrain, *PLAIN_LLAMA, "data.augment=none"]
+        return "ttt_pretrain", [*pretrain, *PLAIN_LLAMA, "data.augment=none"]
     mode = "full" if method in ("ntp_plain", "base_plain") else "ttt_e2e"
     augment = {"tpt": "tpt", "base_ttt": "think", "base_plain": "think"}.get(method, "none")
-    return ttt_pretrain, [*pretrain, f"model.mode={mode}", f"data.augment={augment}"]
+    return "ttt_pretrain", [*pretrain, f"model.mode={mode}", f"data.augment={augment}"]
 
 
 def run_name(cfg: CompareConfig, method: str) -> str:
@@ -129,9 +138,10 @@ def convert_base_llama(cfg: CompareConfig) -> None:
     """base_llama as TTT-E2E with the compare's window, chunk and suffix (ntp_ttt's shape)."""
     m = cfg.model
     out = Path(cfg.out_dir).resolve()
-    convert_hf.convert_plain_run(out / "base_llama", out / "tokenizer",
-                                 [f"model.{k}={getattr(m, k)}" for k in ("suffix_len", "sliding_window", "mini_batch_size")
-                                  if getattr(m, k) is not None])
+    llama = export_llama(out / "base_llama", out / "tokenizer")
+    run_pipeline("convert_hf", [f"source={llama}", f"out={converted(cfg)}",
+                                *(f"model.{k}={getattr(m, k)}" for k in ("suffix_len", "sliding_window", "mini_batch_size")
+                                  if getattr(m, k) is not None)])
 
 
 def _value(v) -> str:
@@ -179,8 +189,9 @@ def run_seed(cfg: CompareConfig) -> dict[str, dict]:
         else:
             with config_errors_exit():
                 pipeline, overrides = method_overrides(cfg, method, (out / "tokenizer").resolve())
-            print(f"\n=== [{i}/{len(order)}] {method}: {pipeline.__name__.split('.')[-1]} {' '.join(overrides)}")
-            summaries[method] = pipeline.main(overrides)
+            print(f"\n=== [{i}/{len(order)}] {method}: {pipeline} {' '.join(overrides)}", flush=True)
+            run_pipeline(pipeline, overrides)
+            summaries[method] = run_summary(out / run_name(cfg, method))
             for n in sorted(set(cfg.eval_think_tokens) - {cfg.rlp.thought_max_tokens}):
                 think_eval(cfg, out / run_name(cfg, method), data, n)
         if method == "base_llama" and not (converted(cfg) / "config.json").is_file():

@@ -17,11 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a Ray working_dir
 
-from models import PonderForCausalLM  # noqa: E402
-from models.convert import convert_hf, to_llama  # noqa: E402
+from models.convert import convert_hf  # noqa: E402
 from training.checkpoint import save_model  # noqa: E402
 from training.config import CONFIG_DIR, ConfigError, ConvertConfig  # noqa: E402
-from training.run import config_errors_exit, parse_config_or_exit  # noqa: E402
+from training.run import config_errors_exit, export_llama, parse_config_or_exit  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -51,11 +50,7 @@ def convert_plain_run(run_dir: Path, tokenizer_dir: Path, model_overrides: list[
     """A plain Ponder pretraining run (model.mode=full, pre-norm only) exported as a
     LlamaForCausalLM with its tokenizer (<run>/llama) and converted (<run>/converted): the first half
     of a warm start on the embedded corpus. model_overrides: `model.suffix_len=...` and the like."""
-    llama = run_dir / "llama"
-    save_model(to_llama(PonderForCausalLM.from_pretrained(run_dir / "model")), llama)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy2(f, llama / f.name)
-    return main([f"source={llama}", f"out={run_dir / 'converted'}", *model_overrides])
+    return main([f"source={export_llama(run_dir, tokenizer_dir)}", f"out={run_dir / 'converted'}", *model_overrides])
 
 
 if __name__ == "__main__":

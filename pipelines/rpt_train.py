@@ -1,5 +1,5 @@
 """RPT, reinforcement pre-training (methods.md §2), on RLP's Ray graph: the same rollout pool,
-learner group and weight sync (pipelines/rlp_midtrain.py), with RPT's positions and responses.
+learner group and weight sync (training/graph.py), with RPT's positions and responses.
 
     python pipelines/rpt_train.py base=runs/rlp_midtrain/base/model
     python pipelines/rpt_train.py base=<a Hugging Face causal LM dir> rpt.proxy=<a smaller one>
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.rlp_midtrain import build_graph, cli, placement  # noqa: E402
+from training.graph import build_graph, cli, placement  # noqa: E402
 from rollout.rpt import RPTWorker  # noqa: E402
 from training.cluster import start_ray  # noqa: E402
 from training.config import CONFIG_DIR, RPTTrainConfig  # noqa: E402

@@ -138,7 +138,7 @@ def test_a_failed_save_names_the_path_and_the_errno_and_keeps_the_previous_check
 
 def test_a_storage_error_inside_an_actor_reaches_the_user_as_one_line(ray_cluster, capsys):
     ray = ray_cluster
-    from pipelines.rlp_midtrain import cli
+    from training.graph import cli
     from training.checkpoint import StorageError
 
     @ray.remote

@@ -74,3 +74,14 @@ def test_vllm_engine_refuses_a_base_it_cannot_serve(tmp_path):
                                    cms_chunk_sizes=[8, 16])).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match=r"cannot serve .*continuum memory.*rollout\.engine=torch"):
         check_vllm_serves(tmp_path, cfg.model, None, cfg.ttt)
+
+
+@pytest.mark.parametrize("schema,yaml", [("RLPMidtrainConfig", "rlp_midtrain.yaml"), ("RPTTrainConfig", "rpt_train.yaml")])
+def test_rlp_and_rpt_refuse_pretrainings_thought_length_key(schema, yaml):
+    """One key for the thought length: rlp.thought_max_tokens; train.task_think_tokens would be ignored."""
+    import training.config as config
+
+    with pytest.raises(ConfigError, match=r"train\.task_think_tokens=40 .*rlp\.thought_max_tokens"):
+        load_config(getattr(config, schema), CONFIG_DIR / yaml, ["train.task_think_tokens=40", "base=x"])
+    assert load_config(config.RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml",
+                       ["rlp.thought_max_tokens=40"]).rlp.thought_max_tokens == 40

@@ -26,7 +26,7 @@ def test_resource_check_names_what_is_missing():
 
 def test_more_gpus_than_the_cluster_has_fail_before_any_actor(ray_cluster):
     ray = ray_cluster
-    from pipelines.rlp_midtrain import placement
+    from training.graph import placement
 
     cfg = config(["learner.gpus_per_rank=1", "learner.num_ranks=2"])
     with pytest.raises(ResourceError, match=r"asks for 2 GPU \(learner 2, rollout 0\) but the cluster has 0 GPU"):

@@ -381,6 +381,9 @@ class RLPMidtrainConfig(PretrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.train.task_think_tokens:  # one key for one setting: the thought length is rlp.thought_max_tokens
+            raise ConfigError(f"train.task_think_tokens={self.train.task_think_tokens} is pretraining's key: RLP and RPT "
+                              "answer after thoughts of rlp.thought_max_tokens; give rlp.thought_max_tokens instead")
         if self.rollout.windows_per_step % self.learner.num_ranks:
             raise ConfigError(f"rollout.windows_per_step={self.rollout.windows_per_step} must be divisible by "
                               f"learner.num_ranks={self.learner.num_ranks} (each rank trains an equal share)")

@@ -75,6 +75,19 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def run_summary(run_dir: str | Path) -> dict[str, Any]:
+    """A finished run as its metrics.jsonl tells it: every metric's last logged value, and
+    bpb_start, the first held-out bpb."""
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    summary: dict[str, Any] = {}
+    for record in records:
+        summary.update(record)
+    start = next((r["eval/bpb"] for r in records if "eval/bpb" in r), None)
+    if start is not None:
+        summary["bpb_start"] = start
+    return summary
+
+
 def records_until(path: Path, step: int) -> list[dict[str, Any]]:
     """The records of `path` up to and including `step` (none if there is no file)."""
     return [r for r in read_metrics(path) if r["step"] <= step] if path.exists() else []

@@ -1,4 +1,4 @@
-"""The RLP loop on the driver (pipelines/rlp_midtrain.py builds the graph and hands it here).
+"""The RLP loop on the driver (training/graph.py builds the graph and hands it here).
 
 One step is a flat sequence of named, timed phases:
 

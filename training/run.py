@@ -144,6 +144,18 @@ def check_vllm_serves(base: Path | None, cfg: ModelConfig, tokenizer, ttt: TTTCo
         raise ConfigError(str(e)) from None
 
 
+def export_llama(run_dir: Path, tokenizer_dir: Path) -> Path:
+    """A plain Ponder pretraining run (model.mode=full, pre-norm only) exported as a
+    LlamaForCausalLM with its tokenizer, into <run>/llama: what pipelines/convert_hf.py reads."""
+    from models.convert import to_llama
+
+    llama = run_dir / "llama"
+    save_model(to_llama(PonderForCausalLM.from_pretrained(run_dir / "model")), llama)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, llama / f.name)
+    return llama
+
+
 def load_base(path: str | Path, ttt: TTTConfig) -> PonderForCausalLM:
     """A saved Ponder model to train on from its weights, the run's inner-loop settings applied."""
     model = PonderForCausalLM.from_pretrained(path)

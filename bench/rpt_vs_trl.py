@@ -32,7 +32,7 @@ from training.config import CONFIG_DIR, RPTTrainConfig, load_config  # noqa: E40
 from training.data import WindowLoader, prepare_data  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.rpt import BUCKETS, RPTAccuracy  # noqa: E402
-from training.trainer import build_optimizer  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
 from training.trl_rpt import rpt_prompts, train_trl  # noqa: E402
 
 

@@ -28,6 +28,24 @@ def check_levels(chunk_sizes: list, inner_lrs: list, widths: list, mini_batch_si
             raise ValueError(f"{prefix}{key}={values}: every entry must be >= {low}")
 
 
+def check_shape(hidden_size: int, num_attention_heads: int, num_key_value_heads: int | None, num_hidden_layers: int,
+                suffix_len: int | None, mode: str, cms_chunk_sizes: list, head_dim: int | None = None,
+                prefix: str = "") -> None:
+    """The rules a model's shape obeys, shared by PonderConfig and the training config's `model.*`
+    (prefix "model."). Raises ValueError naming the key."""
+    if head_dim is None and hidden_size % num_attention_heads:
+        raise ValueError(f"{prefix}hidden_size={hidden_size} must be divisible by "
+                         f"{prefix}num_attention_heads={num_attention_heads}")
+    kv = num_key_value_heads
+    if kv is not None and (kv <= 0 or num_attention_heads % kv):
+        raise ValueError(f"{prefix}num_key_value_heads={kv} must divide {prefix}num_attention_heads="
+                         f"{num_attention_heads} (or be null: one per query head)")
+    if cms_chunk_sizes and mode != "ttt_e2e":
+        raise ValueError(f"{prefix}cms_chunk_sizes={cms_chunk_sizes} needs {prefix}mode=ttt_e2e (got {mode})")
+    if suffix_len is not None and not 1 <= suffix_len <= num_hidden_layers:
+        raise ValueError(f"{prefix}suffix_len={suffix_len} must be in [1, {prefix}num_hidden_layers={num_hidden_layers}]")
+
+
 class PonderConfig(PretrainedConfig):
     model_type = "ponder"
 
@@ -71,12 +89,10 @@ class PonderConfig(PretrainedConfig):
     ):
         if mode not in MODES:
             raise ValueError(f"PonderConfig.mode={mode!r}: must be one of {MODES}")
-        if head_dim is None and hidden_size % num_attention_heads:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_attention_heads={num_attention_heads}")
+        suffix_len = max(1, num_hidden_layers // 4) if suffix_len is None else suffix_len
+        check_shape(hidden_size, num_attention_heads, num_key_value_heads, num_hidden_layers, suffix_len, mode,
+                    cms_chunk_sizes or [], head_dim)
         num_key_value_heads = num_key_value_heads or num_attention_heads
-        if num_attention_heads % num_key_value_heads:
-            raise ValueError(f"num_attention_heads={num_attention_heads} must be a multiple of "
-                             f"num_key_value_heads={num_key_value_heads}")
         rope_type = (rope_scaling_params or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_scaling_params rope_type={rope_type!r} is not implemented; "
@@ -108,7 +124,7 @@ class PonderConfig(PretrainedConfig):
         # TTT-E2E: the last `suffix_len` blocks (a quarter by default) get a fast-weight MLP that
         # trains on every chunk of `mini_batch_size` tokens with SGD at `ttt_inner_lr`, its update
         # clipped to global norm `ttt_clip`.
-        self.suffix_len = max(1, num_hidden_layers // 4) if suffix_len is None else suffix_len
+        self.suffix_len = suffix_len
         self.mini_batch_size = mini_batch_size
         self.ttt_intermediate_size = ttt_intermediate_size
         self.ttt_inner_lr = ttt_inner_lr
@@ -125,8 +141,6 @@ class PonderConfig(PretrainedConfig):
         self.cms_inner_lrs = list(cms_inner_lrs or [])
         self.cms_widths = list(cms_widths or [])
         if self.cms_chunk_sizes:
-            if mode != "ttt_e2e":
-                raise ValueError(f"cms_chunk_sizes={self.cms_chunk_sizes} needs mode='ttt_e2e' (got {mode!r})")
             check_levels(self.cms_chunk_sizes, self.cms_inner_lrs, self.cms_widths, mini_batch_size, prefix="")
         # The training loss over a batch: "chunk" is TTT-E2E's (per sequence, the unweighted mean
         # over chunks of mini_batch_size tokens of each chunk's masked mean; then over sequences),
@@ -137,8 +151,6 @@ class PonderConfig(PretrainedConfig):
         # Ops of TTT-E2E's suffix and inner loop (fast SwiGLU, twice-differentiable attention,
         # clipped update, head loss): "triton", "torch", or "auto" (Triton on CUDA, torch on CPU).
         self.kernels = check_backend(kernels)
-        if mode == "ttt_e2e" and not 1 <= self.suffix_len <= num_hidden_layers:
-            raise ValueError(f"suffix_len={self.suffix_len} must be in [1, num_hidden_layers={num_hidden_layers}]")
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 

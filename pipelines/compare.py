@@ -46,6 +46,7 @@ from training.config import CONFIG_DIR, CompareConfig, ConfigError, TTTConfig  #
 from training.data import prepare_data  # noqa: E402
 from training.evaluate import TaskAccuracy  # noqa: E402
 from training.metrics import base_counters, read_metrics, run_summary  # noqa: E402
+from training.optim import steps_for_tokens  # noqa: E402
 from training.run import config_errors_exit, export_llama, load_base, parse_config_or_exit  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tu
     mid_tokens = int(cfg.budget_tokens * cfg.rlp_fraction)
     bridge_tokens = int(cfg.budget_tokens * cfg.warm_fraction)
     if method == "ttt_warm":
-        steps = max(1, math.ceil(bridge_tokens / (cfg.batch_size * cfg.data.seq_len)))
+        steps = steps_for_tokens(bridge_tokens, cfg.batch_size * cfg.data.seq_len)
         return "ttt_pretrain", [*common, think, f"base={converted(cfg)}", f"train.data_tokens={bridge_tokens}",
                               f"train.batch_size={cfg.batch_size}", f"train.eval_every={max(1, steps // cfg.eval_points)}",
                               f"train.save_every={steps}", f"optim.lr={cfg.warm_lr}", f"optim.end_lr={cfg.warm_lr / 10}",
@@ -84,7 +85,7 @@ def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tu
     if method in FROM_BASE:
         if method == "cpt_flops":
             mid_tokens = flops_matched_tokens(cfg)
-        steps = max(1, mid_tokens // (cfg.windows_per_step * cfg.data.seq_len))
+        steps = steps_for_tokens(mid_tokens, cfg.windows_per_step * cfg.data.seq_len)  # as rlp_midtrain counts
         overrides = [*common, f"base={Path(cfg.out_dir).resolve() / FROM_BASE[method] / 'model'}",
                      f"reward={cfg.reward}", f"train.data_tokens={mid_tokens}",
                      f"rollout.windows_per_step={cfg.windows_per_step}", f"train.eval_every={max(1, steps // cfg.eval_points)}",
@@ -98,7 +99,7 @@ def method_overrides(cfg: CompareConfig, method: str, tokenizer_dir: Path) -> tu
         return "rlp_midtrain", overrides
     budget = {"base_llama": cfg.budget_tokens - bridge_tokens, "base_ttt": cfg.budget_tokens - mid_tokens,
               "base_plain": cfg.budget_tokens - mid_tokens}.get(method, cfg.budget_tokens)
-    steps = max(1, math.ceil(budget / (cfg.batch_size * cfg.data.seq_len)))  # as the trainer counts
+    steps = steps_for_tokens(budget, cfg.batch_size * cfg.data.seq_len)  # as the trainer counts
     pretrain = [*common, think, f"train.data_tokens={budget}", f"train.batch_size={cfg.batch_size}",
                 f"train.eval_every={max(1, steps // cfg.eval_points)}", f"train.save_every={steps}",
                 "optim.warmup_steps=30", f"optim.lr={cfg.lr}"]

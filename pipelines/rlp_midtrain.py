@@ -16,7 +16,6 @@ or starts one.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from training.cluster import start_ray  # noqa: E402
 from training.config import CONFIG_DIR, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
 from training.graph import build_graph, cli, placement  # noqa: E402
+from training.optim import steps_for_tokens  # noqa: E402
 from training.rlp_loop import run_graph  # noqa: E402
 from training.preflight import check_base, check_data_files, check_tokenizer_fits  # noqa: E402
 from training.run import (check_vllm_serves, config_errors_exit, parse_config_or_exit, prepare_run_dir,  # noqa: E402
@@ -86,7 +86,7 @@ def main(argv: list[str]) -> dict:
         if base is not None:
             check_tokenizer_fits(base, data.tokenizer)
     if cfg.train.data_tokens:  # steps follow from the corpus tokens to spend
-        steps = max(1, math.ceil(cfg.train.data_tokens / (cfg.rollout.windows_per_step * cfg.data.seq_len)))
+        steps = steps_for_tokens(cfg.train.data_tokens, cfg.rollout.windows_per_step * cfg.data.seq_len)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps),
                                   optim=dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps)))
 

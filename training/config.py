@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.config import check_levels
+from models.config import check_levels, check_shape
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -94,25 +94,15 @@ class ModelConfig:
     cms_widths: list = _field([])
 
     def validate(self) -> None:
-        if self.suffix_len is not None and not 1 <= self.suffix_len <= self.num_hidden_layers:
-            raise ConfigError(
-                f"model.suffix_len={self.suffix_len} must be in [1, model.num_hidden_layers={self.num_hidden_layers}]"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"model.hidden_size={self.hidden_size} must be divisible by "
-                f"model.num_attention_heads={self.num_attention_heads}"
-            )
-        kv = self.num_key_value_heads
-        if kv is not None and (kv <= 0 or self.num_attention_heads % kv):
-            raise ConfigError(f"model.num_key_value_heads={kv} must divide model.num_attention_heads="
-                              f"{self.num_attention_heads} (or be null: one per query head)")
+        try:
+            check_shape(self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.num_hidden_layers,
+                        self.suffix_len, self.mode, self.cms_chunk_sizes, prefix="model.")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise ConfigError("model.hidden_size / model.num_attention_heads (the head dim) must be even for RoPE")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ConfigError(f"model.vocab_size={self.vocab_size} must be > 0 (or null: the tokenizer's size)")
-        if self.cms_chunk_sizes and self.mode != "ttt_e2e":
-            raise ConfigError(f"model.cms_chunk_sizes={self.cms_chunk_sizes} needs model.mode=ttt_e2e (got {self.mode})")
         try:
             check_levels(self.cms_chunk_sizes, self.cms_inner_lrs, self.cms_widths, self.mini_batch_size, prefix="model.")
         except ValueError as e:

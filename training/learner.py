@@ -33,7 +33,7 @@ from training.checkpoint import load_latest_checkpoint, rng_state, save_model, s
 from training.data import split_window
 from training.evaluate import heldout_bpb
 from training.losses import rlp_policy_loss, thought_batch
-from training.trainer import build_optimizer, warmup_cosine
+from training.optim import build_optimizer, warmup_cosine
 
 
 class Learner:

@@ -114,11 +114,12 @@ def arm_config(cfg, arm: str, corpus: Path, tokenizer_dir: Path):
     import dataclasses
 
     from training.config import LoopConfig, OptimConfig, PretrainConfig, WandbConfig, check_config
+    from training.optim import steps_for_tokens
 
     mode = {"cms": "ttt_e2e"}.get(arm, arm)
     model = dataclasses.replace(cfg.model, mode=mode, cms_chunk_sizes=list(cfg.cms_chunk_sizes) if arm == "cms" else [])
     data = dataclasses.replace(cfg.data, source=str(corpus), format="jsonl", text_field="text", tokenizer=str(tokenizer_dir))
-    steps = max(1, math.ceil(cfg.data_tokens / (cfg.batch_size * cfg.ttt.windows_per_step * cfg.data.seq_len)))
+    steps = steps_for_tokens(cfg.data_tokens, cfg.batch_size * cfg.ttt.windows_per_step * cfg.data.seq_len)
     pretrain = PretrainConfig(
         run_name=arm, out_dir=cfg.out_dir, seed=cfg.seed, model=model, data=data, ttt=cfg.ttt,
         optim=OptimConfig(lr=cfg.lr, end_lr=cfg.lr / 100, warmup_steps=min(30, steps)),

@@ -116,13 +116,16 @@ def build_model(cfg: ModelConfig, tokenizer, ttt: TTTConfig | None = None) -> Po
     return PonderForCausalLM(model_config(cfg, tokenizer, ttt))
 
 
+def ttt_fields(ttt: TTTConfig) -> dict:
+    """The run's inner-loop settings (ttt.*) as the PonderConfig fields they set."""
+    return {"ttt_grad": ttt.grad, "ttt_inner_lr": ttt.inner_lr, "ttt_clip": ttt.clip, "ttt_recompute": ttt.recompute,
+            "ttt_update_during_decode": ttt.update_during_decode, "loss_average": ttt.loss_average}
+
+
 def model_config(cfg: ModelConfig, tokenizer, ttt: TTTConfig | None = None) -> PonderConfig:
     """The PonderConfig of the model `build_model` makes."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "name"}
-    ttt = ttt or TTTConfig()
-    fields.update(ttt_grad=ttt.grad, ttt_inner_lr=ttt.inner_lr, ttt_clip=ttt.clip,
-                  ttt_update_during_decode=ttt.update_during_decode, ttt_recompute=ttt.recompute,
-                  loss_average=ttt.loss_average)
+    fields.update(ttt_fields(ttt or TTTConfig()))
     fields["vocab_size"] = fields["vocab_size"] or len(tokenizer)
     if fields["vocab_size"] < len(tokenizer):
         raise ConfigError(f"model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's {len(tokenizer)}")
@@ -160,8 +163,8 @@ def load_base(path: str | Path, ttt: TTTConfig) -> PonderForCausalLM:
     """A saved Ponder model to train on from its weights, the run's inner-loop settings applied."""
     model = PonderForCausalLM.from_pretrained(path)
     c = model.config
-    c.ttt_grad, c.ttt_inner_lr, c.ttt_clip, c.ttt_recompute = ttt.grad, ttt.inner_lr, ttt.clip, ttt.recompute
-    c.ttt_update_during_decode = ttt.update_during_decode
-    c.loss_average = ttt.loss_average or ("chunk" if c.is_ttt else "token")
+    for name, value in ttt_fields(ttt).items():
+        setattr(c, name, value)
+    c.loss_average = ttt.loss_average or ("chunk" if c.is_ttt else "token")  # unset: the mode's own
     model.inner_lr = ttt.inner_lr
     return model

@@ -11,7 +11,6 @@ are logged as timing_s/<phase>.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,28 +22,13 @@ from tqdm.auto import tqdm
 from training.checkpoint import (load_latest_checkpoint, rng_state, save_checkpoint, save_model, set_rng_state,
                                  writing)
 from training.carry import CarriedState
-from training.config import ConfigError, OptimConfig, PretrainConfig, check_carry_backprop
+from training.config import ConfigError, PretrainConfig, check_carry_backprop
 from training.cuda_graph import GraphedStep
 from training.data import PreparedData, WindowLoader, split_window
 from training.evaluate import TaskAccuracy, heldout_bpb
 from training.metrics import MetricsLogger, base_counters
+from training.optim import build_optimizer, steps_for_tokens, warmup_cosine
 from training.run import build_model, load_base
-
-
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    # Weight decay on matrices only: norms' gains and other vectors are left alone.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
-def warmup_cosine(step: int, *, lr: float, end_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate at `step`: linear warmup from 0, then cosine down to end_lr."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return end_lr + 0.5 * (lr - end_lr) * (1 + math.cos(math.pi * progress))
 
 
 def inner_loss_first_last(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> dict[str, float]:
@@ -306,6 +290,6 @@ def with_data_token_budget(cfg: PretrainConfig, data: PreparedData) -> PretrainC
     window holds fewer of them: its appended thinking is counted apart)."""
     thought_frac = 0.0 if data.train_thought_mask is None else data.train_thought_mask[:, 1:].float().mean().item()
     per_step = cfg.train.batch_size * cfg.ttt.windows_per_step * cfg.data.seq_len * (1 - thought_frac)
-    steps = max(1, math.ceil(cfg.train.data_tokens / per_step))
+    steps = steps_for_tokens(cfg.train.data_tokens, per_step)
     optim = dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps))
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps), optim=optim)

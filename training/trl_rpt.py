@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from rewards import rpt_prefix_match_trl
 from rollout.rpt import choose_contexts
 from rollout.tokens import token_bytes
-from training.trainer import build_optimizer
+from training.optim import build_optimizer
 
 
 def rpt_prompts(tokenizer, proxy, windows: torch.Tensor, rpt_cfg, rlp_cfg, seed: int):

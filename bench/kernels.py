@@ -40,7 +40,7 @@ from kernels.attention import sliding_window_attention_reference  # noqa: E402
 from kernels.linear_ce import linear_cross_entropy as linear_ce_torch  # noqa: E402
 from kernels.swiglu import swiglu as swiglu_torch  # noqa: E402
 from models import PonderConfig, PonderForCausalLM  # noqa: E402
-from models.ttt import clip_by_global_norm  # noqa: E402
+from kernels.sgd import clip_by_global_norm  # noqa: E402
 from training.cuda_graph import GraphedStep  # noqa: E402
 
 GPU_SHAPES = dict(seq=8192, window=8192, chunk=1024, batch=1, hidden=768, layers=12, heads=12, mlp=2048,

@@ -5,7 +5,7 @@ swapped without touching the model code.
     torch path (the reference)             Triton path (kernels/triton_*.py)
     swiglu.swiglu                          triton_swiglu.swiglu        (its GEMMs: torch.bmm)
     attention.sliding_window_attention*    triton_attention.sliding_window_attention
-    models/ttt.py clip_by_global_norm      triton_sgd.clipped_sgd_step
+    sgd.clipped_sgd_step                   triton_sgd.clipped_sgd_step
     linear_ce.linear_cross_entropy         triton_linear_ce.linear_cross_entropy
     rope.apply_rope                        triton_rope.rope
     rmsnorm.rms_norm                       triton_rmsnorm.rms_norm
@@ -26,12 +26,13 @@ from kernels.attention import sliding_window_attention, sliding_window_attention
 from kernels.backend import BACKENDS, check_backend, resolve_backend, triton_available
 from kernels.rmsnorm import rms_norm as rms_norm_reference
 from kernels.rope import apply_rope  # loaded here, so `kernels.rope` stays the function below
+from kernels.sgd import clip_scale
 from kernels.swiglu import swiglu
 
 __all__ = [
     "BACKENDS", "check_backend", "resolve_backend", "triton_available",
     "sliding_window_attention", "swiglu",
-    "twice_differentiable_attention", "fast_swiglu", "clipped_sgd_step", "clip_scale", "linear_cross_entropy",
+    "twice_differentiable_attention", "fast_swiglu", "clipped_sgd", "clip_scale", "linear_cross_entropy",
     "rope", "rms_norm",
 ]
 
@@ -56,21 +57,16 @@ def fast_swiglu(x, w1, w2, w3, backend: str = "auto"):
     return swiglu(x, w1, w2, w3)
 
 
-def clip_scale(sq_norm, max_norm: float, eps: float = 1e-6):
-    """min(1, max_norm / (‖g‖ + eps)) per sequence from squared norms [B]. A zero gradient (a chunk
-    whose every target is masked) gets scale 1 with a finite gradient: sqrt's derivative at 0 is
-    infinite and would turn the second-order meta-gradient into NaN."""
-    import torch
+def clipped_sgd(weights, grads, lr, max_norm: float, backend: str = "auto"):
+    """w - lr · clip_{global norm ≤ max_norm}(g), the norm joint over all of `weights`, per sequence
+    (TTT-E2E's inner step; fused norms and update on the Triton path)."""
+    if resolve_backend(backend, grads[0].device) == "triton":
+        from kernels.triton_sgd import clipped_sgd_step as triton_step
 
-    norm = torch.where(sq_norm > 0, sq_norm, torch.ones_like(sq_norm)).sqrt()
-    return torch.where(sq_norm > 0, (max_norm / (norm + eps)).clamp(max=1.0), torch.ones_like(norm))
+        return triton_step(weights, grads, lr, max_norm)
+    from kernels.sgd import clipped_sgd_step
 
-
-def clipped_sgd_step(weights, grads, lr: float, max_norm: float):
-    """Triton's fused w - lr · clip_{global norm per sequence}(g) (the torch path is in models/ttt.py)."""
-    from kernels.triton_sgd import clipped_sgd_step as triton_step
-
-    return triton_step(weights, grads, lr, max_norm)
+    return clipped_sgd_step(weights, grads, lr, max_norm)
 
 
 def linear_cross_entropy(hidden, weight, targets, backend: str = "auto"):

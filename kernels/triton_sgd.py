@@ -1,5 +1,5 @@
 """TTT-E2E's inner SGD step with a per-sequence global-norm clip, in Triton, differentiable to any
-order (the torch path: models/ttt.py, clip_by_global_norm and the update after it).
+order (the torch path and reference: kernels/sgd.py).
 
     new_weights = clipped_sgd_step(weights, grads, lr, max_norm)
 
@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import clip_scale
+from kernels.sgd import clip_scale
 from kernels.backend import interpreting
 from kernels.triton_utils import acc_dtype, block_size, empty, unit_stride_rows
 

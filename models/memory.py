@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from models.ttt import clipped_sgd, inner_grads, single_level_update
+from kernels import clipped_sgd
+from models.ttt import inner_grads, single_level_update
 
 
 def level_update(model, fast: list[list[torch.Tensor]], memory: list | None, loss: torch.Tensor, chunk_end: int,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from kernels import clip_scale, clipped_sgd_step, linear_cross_entropy, resolve_backend
+from kernels import clipped_sgd, linear_cross_entropy, resolve_backend
 from models.state import UNKNOWN, DecodeState, map_tensors
 
 
@@ -68,12 +68,6 @@ def inner_loss(model, hidden: torch.Tensor, logits: torch.Tensor, targets: torch
     return (ce * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
-def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
-    """Scale every sequence's gradients (leading dim B) so their joint norm is at most max_norm."""
-    scale = clip_scale(sum(g.pow(2).flatten(1).sum(1) for g in grads), max_norm)
-    return [g * scale.view(-1, *([1] * (g.dim() - 1))) for g in grads]
-
-
 def inner_grads(weights: list[torch.Tensor], loss: torch.Tensor, create_graph: bool, retain_graph: bool):
     """Every sequence's gradient of its own loss ([B]) with respect to its fast weights (leading dim B).
     create_graph: differentiate through the gradient (second order); retain_graph: the outer
@@ -82,16 +76,6 @@ def inner_grads(weights: list[torch.Tensor], loss: torch.Tensor, create_graph: b
     # sequence its own gradient.
     return list(torch.autograd.grad(loss.sum(), weights, create_graph=create_graph,
                                     retain_graph=retain_graph or create_graph))
-
-
-def clipped_sgd(weights: list[torch.Tensor], grads: list[torch.Tensor], lr: float, max_norm: float,
-                kernels: str = "torch") -> list[torch.Tensor]:
-    """w - lr · clip_{global norm ≤ max_norm}(g), the norm joint over all of `weights`, per sequence;
-    kernels: the backend of the clip and update (PonderConfig.kernels)."""
-    if resolve_backend(kernels, grads[0].device) == "triton":  # fused norms and update, kernels/triton_sgd.py
-        return clipped_sgd_step(weights, grads, lr, max_norm)
-    grads = clip_by_global_norm(grads, max_norm)
-    return [w - lr * g for w, g in zip(weights, grads)]
 
 
 def inner_sgd_step(fast: list[list[torch.Tensor]], loss: torch.Tensor, lr: float, max_norm: float,

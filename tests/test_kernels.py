@@ -27,7 +27,7 @@ from kernels.triton_linear_ce import linear_cross_entropy  # noqa: E402
 from kernels.triton_sgd import clipped_sgd_step  # noqa: E402
 from kernels.triton_swiglu import swiglu  # noqa: E402
 from models import PonderConfig, PonderForCausalLM  # noqa: E402
-from models.ttt import clip_by_global_norm  # noqa: E402
+from kernels.sgd import clip_by_global_norm  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 

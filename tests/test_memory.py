@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from models import PonderConfig, PonderForCausalLM
-from models.ttt import clip_by_global_norm, per_sequence_loss
+from kernels.sgd import clip_by_global_norm
+from models.ttt import per_sequence_loss
 from tests.finite_differences import assert_meta_gradient_matches_finite_differences
 from tests.test_ttt import V, decode_in_pieces, next_tokens, ttt_model
 

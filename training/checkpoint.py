@@ -88,20 +88,34 @@ def storage_cause(path: Path, error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write `state` (anything torch.save takes) as step_<step>; keep the newest `keep`."""
+def checkpoint_dirs(run_dir: str | Path, step: int) -> tuple[Path, Path]:
+    """The directory of step's checkpoint, and the temporary one it is written in."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
+    return root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
+
+
+def fresh_dir(tmp: Path) -> Path:
+    """An empty directory at tmp (a killed write's leftovers removed)."""
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path, keep: int | None = None) -> Path:
+    """The one atomic write: every file under tmp synced to disk, then tmp renamed to final. keep:
+    of final's step_* siblings, only the newest `keep` stay."""
     _fsync_tree(tmp)
     _replace_dir(tmp, final)
-    for old in sorted(root.glob("step_*"))[:-keep]:
+    for old in sorted(final.parent.glob("step_*"))[:-keep] if keep else ():
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write `state` (anything torch.save takes) as step_<step>; keep the newest `keep`."""
+    final, tmp = checkpoint_dirs(run_dir, step)
+    torch.save(state, fresh_dir(tmp) / "state.pt")
+    return commit_dir(tmp, final, keep)
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
@@ -179,9 +193,7 @@ def save_model(model, path: str | Path) -> Path:
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    _fsync_tree(tmp)
-    _replace_dir(tmp, final)
-    return final
+    return commit_dir(tmp, final)
 
 
 def check_model_dir(path: str | Path) -> None:

@@ -100,6 +100,12 @@ def free_address() -> tuple[str, int]:
 # ----------------------------------------------------------------------------- torch.distributed
 
 
+def is_distributed() -> bool:
+    """Whether this process is one rank of a learner group (its process group is up): the one
+    test every rank-dependent branch asks."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def init_group(rank: int, world: int, addr: str, port: int, device: torch.device, timeout_s: float = 1800) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -137,7 +143,7 @@ def split(items: list, rank: int, world: int) -> list:
 
 def all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Every rank's values averaged (a no-op without a process group)."""
-    if not dist.is_initialized() or not values:
+    if not is_distributed() or not values:
         return values
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -145,7 +151,7 @@ def all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]
 
 
 def all_sum(value: float, device: torch.device) -> float:
-    if not dist.is_initialized():
+    if not is_distributed():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -169,7 +175,7 @@ def load_sharded_state(path, model, ema, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = sharded_state(model, ema, optimizer)  # the templates DCP fills in place
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    dcp.load(state, checkpoint_id=str(path), no_dist=not is_distributed())
     set_model_state_dict(model, state["model"])
     set_model_state_dict(ema, state["ema"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -186,29 +192,21 @@ def save_sharded_checkpoint(run_dir, step: int, state: dict, sharded: dict, keep
     """checkpoints/step_<step>/ holding dcp/ (every rank's shards) and state.pt (rank 0's `state`:
     counters, RNGs, the driver's state), made whole in a temporary directory and renamed by rank 0.
     Without a process group: one process writes all of it."""
-    import shutil
-    from pathlib import Path
-
     import torch.distributed.checkpoint as dcp
 
-    from training.checkpoint import _fsync_tree, _replace_dir
+    from training.checkpoint import checkpoint_dirs, commit_dir, fresh_dir
 
-    root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
-    group = dist.is_initialized()
+    final, tmp = checkpoint_dirs(run_dir, step)
+    group = is_distributed()
     rank = dist.get_rank() if group else 0
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        fresh_dir(tmp)
     if group:
         dist.barrier()
     dcp.save(sharded, checkpoint_id=str(tmp / "dcp"), no_dist=not group)
     if rank == 0:
         torch.save({**state, "sharded": True}, tmp / "state.pt")
-        _fsync_tree(tmp)
-        _replace_dir(tmp, final)
-        for old in sorted(root.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_dir(tmp, final, keep)
     if group:
         dist.barrier()
     return final

@@ -43,18 +43,18 @@ class Learner:
         """initial_counters: tokens/data and flops/total spent before this run (its base model's
         pretraining), so the curves of a run that pretrained its own base start where it ended.
         device None: the one Ray assigned this actor. group: {rank, world, addr, port} of this
-        rank's process group (world > 1 shards the model)."""
+        rank's process group (given: the model is sharded over the group)."""
         import models  # noqa: F401  (registers the Auto classes)
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = ray_device() if device is None else torch.device(device)
         self.rank, self.world = (group["rank"], group["world"]) if group else (0, 1)
-        if self.world > 1:
+        if group:
             distributed.init_group(self.rank, self.world, group["addr"], group["port"], self.device)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)  # φ ← θ at the first step
-        if self.world > 1:
+        if distributed.is_distributed():
             distributed.shard(self.model, self.device, cfg.dtype)
             distributed.shard(self.ema, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -154,7 +154,7 @@ class Learner:
     def share(self, count: float) -> float:
         """world · count / (the count over all ranks): a local mean times this, averaged over the
         ranks, is the mean over the global batch."""
-        if self.world == 1:
+        if not distributed.is_distributed():
             return 1.0
         total = distributed.all_sum(count, self.device)
         return self.world * count / total if total else 0.0
@@ -170,7 +170,7 @@ class Learner:
         rank: whole on rank 0, empty on the others)."""
 
         def cpu(m):
-            if self.world > 1:
+            if distributed.is_distributed():
                 return distributed.full_state(m)
             return {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}
 
@@ -194,7 +194,7 @@ class Learner:
 
     def plain_model(self):
         """The policy as one unsharded CPU model on rank 0 (None on the others); every rank calls it."""
-        if self.world == 1:
+        if not distributed.is_distributed():
             return self.model
         from transformers import AutoModelForCausalLM
 
@@ -237,7 +237,7 @@ class Learner:
         path, state = found
         if state.get("sharded"):  # DCP: written by any number of ranks, read by this many
             distributed.load_sharded_state(path / "dcp", self.model, self.ema, self.optimizer)
-        elif self.world > 1:
+        elif distributed.is_distributed():
             raise ValueError(f"checkpoint {path} is of the older single-file kind: resume it with learner.num_ranks=1")
         else:  # the single-file checkpoints of earlier versions
             self.model.load_state_dict(state["model"])

@@ -108,10 +108,15 @@ def plot(runs: list[Run], x: str, y: str, path: Path) -> bool:
     if not drawn:
         plt.close(fig)
         return False
+    return save_log_x(fig, ax, f"{QUALITY[y].split(' (')[0]} vs {AXES[x].split(' (')[0]}", AXES[x], QUALITY[y], path)
+
+
+def save_log_x(fig, ax, title: str, xlabel: str, ylabel: str, path: Path) -> bool:
+    """A figure with a log x axis, titled, labelled, gridded and with its legend, saved to path."""
     ax.set_xscale("log")
-    ax.set_title(f"{QUALITY[y].split(' (')[0]} vs {AXES[x].split(' (')[0]}", fontsize=10)
-    ax.set_xlabel(AXES[x])
-    ax.set_ylabel(QUALITY[y])
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -211,16 +216,8 @@ def plot_seed_bands(root: Path, y: str, path: Path) -> bool:
     for name, (xs, mean, low, high) in curves.items():
         line = ax.plot(xs, mean, marker="o", markersize=3, linewidth=1.8, label=name)[0]
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.18)
-    ax.set_xscale("log")
-    ax.set_title(f"{QUALITY[y].split(' (')[0]}: mean and 95% interval over seeds", fontsize=10)
-    ax.set_xlabel(AXES["tokens/data"])
-    ax.set_ylabel(QUALITY[y])
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    return save_log_x(fig, ax, f"{QUALITY[y].split(' (')[0]}: mean and 95% interval over seeds", AXES["tokens/data"],
+                      QUALITY[y], path)
 
 
 def seed_tables(grid: dict) -> str:

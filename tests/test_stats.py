@@ -66,8 +66,10 @@ def test_seed_grid_pairs_arms_seed_by_seed(tmp_path):
                                   "eval/task_problems": 100, "tokens/data": 2000, "flops/total": 7e9,
                                   "rlp/reward_mean": -0.5 - seed}],
                   **{"task_eval_think8.json": {"think_tokens": 8, "eval/task_acc_think": 0.5, "eval/answer_nll": 9.0}})
+        # a killed first attempt that the restarted compare moved aside: not an arm
+        write_run(root / "rlp.20261204-213044", [{"step": 10, "eval/bpb": 5.0, "tokens/data": 2000, "flops/total": 7e9}])
     grid = seed_grid.summarize(tmp_path)
-    assert grid["seeds"] == [0, 1, 2]
+    assert grid["seeds"] == [0, 1, 2] and set(grid["runs"]) == {"base_ttt", "cpt", "rlp"}
     bpb = next(p for p in grid["pairs"] if p["metric"] == "eval/bpb")
     expected = paired_test([-0.01, -0.02, -0.03], [0.0, 0.0, 0.0])
     assert bpb["diff"]["mean"] == pytest.approx(-0.02) and bpb["p"] == pytest.approx(expected.p)
@@ -79,6 +81,7 @@ def test_seed_grid_pairs_arms_seed_by_seed(tmp_path):
     assert rlp["eval/task_acc_think@8"] == 0.5 and "eval/answer_nll@8" not in rlp  # only what thoughts change
     text = seed_grid.markdown(grid)
     assert "rlp − cpt" in text and "18/300 vs 3/300" in text
+    assert set(seed_grid.curves(tmp_path, "eval/bpb")) == {"base_ttt", "cpt", "rlp"}
 
 
 def test_cpt_flops_reads_rlp_flops_per_cpt_token(tmp_path):

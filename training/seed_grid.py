@@ -55,15 +55,21 @@ def pooled_solved(finals: list[dict]) -> tuple[int, int] | None:
             sum(int(f["task_problems"]) for f in finals))
 
 
+def run_dirs(seed_dir: Path) -> list[Path]:
+    """The runs of one seed's compare: directories with metrics, less those a restarted run moved
+    aside (<run>.<YYYYmmdd-HHMMSS>, training/run.py), which are not arms."""
+    return [m.parent for m in sorted(Path(seed_dir).glob("*/metrics.jsonl")) if "." not in m.parent.name]
+
+
 def summarize(root: Path) -> dict:
     """{seeds, runs: {run: {seed: finals}}, arms: {run: {metric: interval}}, pairs: [...]}."""
     seeds = sorted(int(p.name[5:]) for p in Path(root).glob("seed_*") if p.name[5:].isdigit())
     runs: dict[str, dict[int, dict]] = {}
     for seed in seeds:
-        for metrics in sorted((Path(root) / f"seed_{seed}").glob("*/metrics.jsonl")):
-            finals = final_metrics(metrics.parent)
+        for run in run_dirs(Path(root) / f"seed_{seed}"):
+            finals = final_metrics(run)
             if finals:
-                runs.setdefault(metrics.parent.name, {})[seed] = finals
+                runs.setdefault(run.name, {})[seed] = finals
     arms = {}
     for name, by_seed in runs.items():
         keys = sorted({k for f in by_seed.values() for k in f if not k.startswith("phase/") and k != "task_problems"})
@@ -138,10 +144,10 @@ def curves(root: Path, metric: str, x: str = "tokens/data") -> dict[str, tuple[l
     seeds share the schedule; x is the mean over seeds)."""
     out = {}
     by_run: dict[str, list[list[dict]]] = {}
-    for metrics in sorted(Path(root).glob("seed_*/*/metrics.jsonl")):
-        points = [r for r in read_metrics(metrics) if r.get("eval/bpb") is not None and r.get(metric) is not None]
+    for run in (r for seed_dir in sorted(Path(root).glob("seed_*")) for r in run_dirs(seed_dir)):
+        points = [r for r in read_metrics(run / "metrics.jsonl") if r.get("eval/bpb") is not None and r.get(metric) is not None]
         if points:
-            by_run.setdefault(metrics.parent.name, []).append(points)
+            by_run.setdefault(run.name, []).append(points)
     for name, seeds in by_run.items():
         length = min(map(len, seeds))
         xs, mean, low, high = [], [], [], []

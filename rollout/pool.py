@@ -6,11 +6,13 @@ through worker deaths and hangs.
     rollouts = pool.gather(pending)         # waits; a dead worker's shard is retried after Ray restarts it
 
 A worker is a Ray actor created with `max_restarts`: when its process dies, Ray starts it again
-from its constructor (the base weights), so before it samples its next shard (a retried one, or the
-next step's when it died idle) it loads the weights the learner last sent (`pool.sync`, rollout/sync.py). A worker that does not
-answer within `timeout_s` is left out of the step (its shard is dropped). Both are counted:
-`rollouts/worker_restarts`, `rollouts/worker_timeouts`. A sync that cannot take a restarted process
-back (sync.method=collective) makes a worker's death stop the run (resume=true).
+from its constructor (the base weights). Every shard is preceded by the pool's first call to a new
+life (`restore_weights`), so a restart is seen whether the worker died busy or idle. The new life
+holds the weights the learner last sent before its rollouts count: it loads them itself (object
+store), or the sync re-forms its group and sends them (collective, rollout/sync.py), and its shard
+is sampled again. A worker that does not answer within `timeout_s` is left out of the step (its
+shard is dropped); if none answers, the step fails with AllWorkersFailed. Both are counted:
+`rollouts/worker_restarts`, `rollouts/worker_timeouts`.
 """
 
 from __future__ import annotations
@@ -30,64 +32,68 @@ class AllWorkersFailed(RuntimeError):
     """No rollout worker answered for a whole step."""
 
 
-class WorkerLost(AllWorkersFailed):
-    """A worker died while the weights travel by a collective it can no longer join."""
-
-
 @dataclass
 class Pending:
     shards: list[torch.Tensor]
     futures: list  # one ObjectRef per worker
-    restores: list  # per worker: whether a new life of it had to load the weights first
+    restores: list  # per worker: restore_weights' answer (a new life? holding the weights sent?)
 
 
 class RolloutPool:
     def __init__(self, workers: list, timeout_s: float, sync: ObjectStoreSync | CollectiveSync, max_retries: int = 2):
         self.workers, self.timeout_s, self.sync, self.max_retries = workers, timeout_s, sync, max_retries
         self.restarts = self.timeouts = 0
+        ray.get([w.restore_weights.remote(None) for w in workers])  # meet every worker's first life
 
     def submit(self, windows: torch.Tensor) -> Pending:
         shards = list(windows.chunk(len(self.workers)))
-        # An actor runs its tasks in order: a life that has loaded no weights (Ray restarted it, even
-        # while idle) loads the last ones sent before it samples. The references travel unresolved.
+        # An actor runs its tasks in order: a new life loads the last weights sent before it samples.
+        # The references travel unresolved.
         weights = self.sync.last_sent()
         restores = [w.restore_weights.remote(weights) for w in self.workers]
         return Pending(shards, [w.rollout.remote(s) for w, s in zip(self.workers, shards)], restores)
 
     def gather(self, pending: Pending) -> list[Rollouts]:
-        rollouts = []
-        for i, (shard, future) in enumerate(zip(pending.shards, pending.futures)):
-            for attempt in range(self.max_retries + 1):
-                try:
-                    rollouts.append(ray.get(future, timeout=self.timeout_s))
-                    with contextlib.suppress(ray.exceptions.RayError):
-                        self.restarts += bool(ray.get(pending.restores[i], timeout=self.timeout_s))
-                    break
-                except ray.exceptions.GetTimeoutError:
-                    self.timeouts += 1
-                    ray.cancel(future, force=False)
-                    break
-                except ray.exceptions.RayActorError:  # died (or is restarting): retry the shard on its next life
-                    if not self.sync.survives_worker_death:
-                        raise WorkerLost(f"rollout worker {i} died and sync.method=collective cannot take its next life "
-                                         "into the broadcast group; resume=true continues from the last checkpoint "
-                                         "(sync.method=object_store survives worker deaths)") from None
-                    if attempt == self.max_retries:
-                        break
-                    self.restarts += 1
-                    future = self._restore(self.workers[i]).rollout.remote(shard)
+        rollouts = [r for i in range(len(self.workers)) if (r := self._gather_one(pending, i)) is not None]
         if not rollouts:
             raise AllWorkersFailed(f"none of the {len(self.workers)} rollout workers returned rollouts for this step "
                                    f"(restarts {self.restarts}, timeouts {self.timeouts}); resume=true continues "
                                    "from the last checkpoint")
         return rollouts
 
-    def _restore(self, worker):
-        """A restarted worker gets the last weights sent (its constructor loaded the base's)."""
-        weights = self.sync.last_sent()
-        if weights is not None:
-            self.call(worker, "load_weights", *weights)
-        return worker
+    def _gather_one(self, pending: Pending, i: int) -> Rollouts | None:
+        """Worker i's rollouts of its shard, sampled by the weights last sent; None if it hung, or
+        died more than max_retries times."""
+        future, restore = pending.futures[i], pending.restores[i]
+        for attempt in range(self.max_retries + 1):
+            try:
+                rollouts = ray.get(future, timeout=self.timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                self.timeouts += 1
+                ray.cancel(future, force=False)
+                return None
+            except ray.exceptions.RayActorError:  # died (or is restarting) while sampling: sample again
+                pass
+            else:
+                new_life, has_weights = self._answer(restore)
+                self.restarts += new_life
+                # A new life that could not load the weights sent (collective) sampled with the base's.
+                if not (new_life and not has_weights and self.sync.last_sent() is not None):
+                    return rollouts
+            if attempt == self.max_retries:
+                return None
+            with contextlib.suppress(ray.exceptions.RayActorError):  # died again: its rollout will say so
+                self.restarts += self.call(self.workers[i], "restore_weights", self.sync.last_sent())[0]
+            self.sync.readmit()
+            future = self.workers[i].rollout.remote(pending.shards[i])
+        return None
+
+    def _answer(self, restore) -> tuple[bool, bool]:
+        """restore_weights' answer; (False, True) if the life that gave it is gone."""
+        try:
+            return tuple(ray.get(restore, timeout=self.timeout_s))
+        except ray.exceptions.RayError:
+            return False, True
 
     def call(self, worker, method: str, *args):
         """worker.method(*args), waiting out a restart in progress (up to timeout_s)."""

@@ -8,7 +8,15 @@ by `weight_sync(sync_cfg, learner, workers, timeout_s)`.
 
     sync = weight_sync(cfg.sync, learner, workers, timeout_s)
     sync.push(wait=True)     # the learner's current policy and EMA into every worker
-    sync.last_sent()         # what a restarted worker loads before it samples (object store only)
+    sync.last_sent()         # what a restarted worker loads itself before it samples (object store)
+    sync.readmit()           # after a worker's restart: what it cannot load itself reaches it (collective)
+
+Both survive a worker's death. Ray starts the worker again from its constructor (the base's
+weights). With the object store the new life loads the last references sent. A process group
+cannot take a new process into a dead one's place, so the collective forms a new group with the
+new life and every other member (a new rendezvous) and sends the current weights through it; a
+broadcast that fails because a member died does the same. On gloo a dead member fails the
+group's pending broadcasts at once; on NCCL they wait out sync's timeout.
 
 The learner side is an actor (or group) with weights(), rendezvous(), join_sync() and
 broadcast_weights() (training/learner.py); a worker has load_weights(), join_sync() and
@@ -22,6 +30,7 @@ The broadcast carries the policy and the EMA teacher, each as the state dict's t
 from __future__ import annotations
 
 import contextlib
+import time
 from datetime import timedelta
 
 import ray
@@ -94,9 +103,7 @@ class WeightBroadcast:
 
 class ObjectStoreSync:
     """learner.weights() put into the object store once per push; every worker loads the references.
-    A restarted worker loads the last ones sent (`last_sent`), so this survives worker deaths."""
-
-    survives_worker_death = True
+    A restarted worker loads the last ones sent (`last_sent`) before it samples."""
 
     def __init__(self, learner, workers: list):
         self.learner, self.workers = learner, workers
@@ -107,35 +114,86 @@ class ObjectStoreSync:
         self.sent = self.learner.weights.options(num_returns=3).remote()
         refs = [w.load_weights.remote(*self.sent) for w in self.workers]
         for ref in refs if wait else ():
-            with contextlib.suppress(ray.exceptions.RayActorError):  # a dead worker is restored before its next shard
+            with contextlib.suppress(ray.exceptions.RayActorError):  # a dead worker loads them in its next life
                 ray.get(ref)
 
     def last_sent(self) -> list | None:
         return list(self.sent) if self.sent is not None else None
 
+    def readmit(self) -> None:
+        """Nothing: a new life loads last_sent() itself."""
+
 
 class CollectiveSync:
-    """One process group: learner rank 0 (member 0, the group's host) and every worker. Such a group
-    cannot take a restarted process back, so a worker's death stops the run (resume=true)."""
-
-    survives_worker_death = False
+    """One process group: learner rank 0 (member 0, the group's host) and every worker, formed
+    again with every member after a worker's death."""
 
     def __init__(self, learner, workers: list, bucket_mb: float, timeout_s: float):
-        self.learner, self.workers = learner, workers
-        addr, port = ray.get(learner.rendezvous.remote())
-        world = 1 + len(workers)
-        refs = [learner.join_sync.remote(addr, port, world, bucket_mb, timeout_s)]
-        refs += [w.join_sync.remote(addr, port, i + 1, world, bucket_mb, timeout_s) for i, w in enumerate(workers)]
-        ray.get(refs)
+        self.learner, self.workers, self.bucket_mb, self.timeout_s = learner, workers, bucket_mb, timeout_s
+        self.pending: list = []  # the refs of a push not waited for
+        self.pushed = False
+        self.groups = 0  # how many groups were formed (1 + the re-formations)
+        self.join()
+
+    def join(self) -> None:
+        """A new group of every member at a new rendezvous, each joining behind its tasks in flight.
+        A worker Ray is restarting is asked again until its next life answers."""
+        addr, port = ray.get(self.learner.rendezvous.remote())
+        world = 1 + len(self.workers)
+
+        def join(i):  # member i + 1
+            return self.workers[i].join_sync.remote(addr, port, i + 1, world, self.bucket_mb, self.timeout_s)
+
+        pending = {self.learner.join_sync.remote(addr, port, world, self.bucket_mb, self.timeout_s): None}
+        pending.update({join(i): i for i in range(len(self.workers))})
+        while pending:  # every member blocks until all have joined: none is waited for alone
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout_s)
+            if not ready:
+                raise TimeoutError(f"the weight-broadcast group did not form within {self.timeout_s:g} s")
+            i = pending.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.ActorUnavailableError:  # restarting: its next life joins
+                time.sleep(0.2)
+                pending[join(i)] = i
+        self.groups += 1
 
     def push(self, wait: bool = True) -> None:
-        """Learner rank 0 broadcasts, every worker receives."""
-        refs = [self.learner.broadcast_weights.remote()] + [w.receive_weights.remote() for w in self.workers]
-        if wait:
-            ray.get(refs)
+        """Learner rank 0 broadcasts, every worker receives. A push that failed because a member
+        died (this one, or an earlier one not waited for) is made again in a new group."""
+        done = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)[0] if self.pending else []
+        if self._failed(done):
+            self.readmit()
+            return
+        self.pending, self.pushed = self._send(), True
+        if wait and self._failed(self.pending):
+            self.readmit()
 
-    def last_sent(self) -> None:
-        return None
+    def readmit(self) -> None:
+        """A new group with every worker's current life, then the current weights through it."""
+        self._failed(self.pending)  # the broken group's pushes end first (gloo fails them at once)
+        self.join()
+        self.pending = []
+        if self._failed(self._send()):
+            raise RuntimeError("the weight broadcast failed in a group formed afresh")
+
+    def _send(self) -> list:
+        return [self.learner.broadcast_weights.remote()] + [w.receive_weights.remote() for w in self.workers]
+
+    @staticmethod
+    def _failed(refs: list) -> bool:
+        """Wait for refs; whether any failed (a member of the group died)."""
+        failed = False
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                failed = True
+        return failed
+
+    def last_sent(self) -> list | None:
+        """Nothing a new life could load itself ([]: readmit it) once weights were sent, None before."""
+        return [] if self.pushed else None
 
 
 def weight_sync(sync_cfg, learner, workers: list, timeout_s: float) -> ObjectStoreSync | CollectiveSync:

@@ -63,6 +63,8 @@ class RolloutWorker:
         self.reward = get_reward(reward)
         self.generator = torch.Generator().manual_seed(seed)
         self.weights_loaded = False  # by this life of the actor: a restarted one starts from the base's
+        self.seen = False  # whether the pool has met this life of the actor (restore_weights)
+        self.sync = None  # the weight broadcast this life joined (sync.method=collective)
 
     @property
     def version(self) -> int:
@@ -74,16 +76,17 @@ class RolloutWorker:
         self.weights_loaded = True
         return version
 
-    def restore_weights(self, weights: list | None) -> bool:
-        """Load `weights` (references to the policy, EMA and version last sent) unless this life of the
-        actor has loaded weights already: a worker Ray restarted, busy or idle, starts from the base's.
-        Returns whether it loaded them (a restart the pool counts)."""
-        if self.weights_loaded or not weights:
-            return False
-        import ray
+    def restore_weights(self, weights: list | None) -> tuple[bool, bool]:
+        """The pool's first call to every life of the actor (Ray restarts it from its constructor,
+        with the base's weights, busy or idle). A life that has loaded no weights loads `weights`
+        (references to the policy, EMA and version last sent; empty when they travel by broadcast).
+        Returns (whether this life is new to the pool, whether it holds weights the learner sent)."""
+        if weights and not self.weights_loaded:
+            import ray
 
-        self.load_weights(*ray.get(weights))
-        return True
+            self.load_weights(*ray.get(weights))
+        new, self.seen = not self.seen, True
+        return new, self.weights_loaded
 
     def join_sync(self, addr: str, port: int, rank: int, world: int, bucket_mb: float, timeout_s: float) -> None:
         """Join the learner's weight broadcast (sync.method=collective) as member `rank`."""
@@ -92,6 +95,8 @@ class RolloutWorker:
     def receive_weights(self) -> int:
         """The policy and EMA weights learner rank 0 broadcasts; returns their version. The teacher
         (always the torch engine, same architecture) gives the layout for both."""
+        if self.sync is None:  # a new life of the actor, not yet in the re-formed group
+            raise RuntimeError("this rollout worker has not joined the weight broadcast since it was restarted")
         template = self.teacher.model.state_dict()
         (policy, ema), version = self.sync.receive([template, template])
         return self.load_weights(policy, ema, version)

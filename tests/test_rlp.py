@@ -134,10 +134,8 @@ def test_unknown_reward_fails_at_start_listing_the_registered_ones():
         load_config(RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", ["reward=nope"])
 
 
-def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
-    ray = ray_cluster
-    from rollout.pool import RolloutPool
-    from rollout.sync import ObjectStoreSync
+def small_graph(ray, tmp_path):
+    """A Learner and two RolloutWorker actors (restartable) on a 4-layer TTT-E2E model, and 4 windows."""
     from rollout.worker import RolloutWorker
     from training.learner import Learner
     from training.tokenizer import train_tokenizer
@@ -157,7 +155,15 @@ def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
         torch.ones(len(tok), dtype=torch.long), think_open, tok.pad_token_id)
     workers = [ray.remote(RolloutWorker).options(num_cpus=0.5, max_restarts=-1).remote(
         str(tmp_path / "base"), str(tmp_path / "tok"), cfg.rlp, cfg.reward, i) for i in range(2)]
-    windows = torch.randint(5, len(tok), (4, 25))
+    return learner, workers, torch.randint(5, len(tok), (4, 25))
+
+
+def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
+    ray = ray_cluster
+    from rollout.pool import RolloutPool
+    from rollout.sync import ObjectStoreSync
+
+    learner, workers, windows = small_graph(ray, tmp_path)
     pool = RolloutPool(workers, timeout_s=120, sync=ObjectStoreSync(learner, workers))
     first_batch = None
     for step in range(3):
@@ -192,6 +198,41 @@ def test_two_workers_and_a_learner_on_ray(ray_cluster, tmp_path):
     ray.kill(workers[0], no_restart=False)
     rollouts = pool.gather(pool.submit(windows))
     assert [r.version for r in rollouts] == [3, 3] and pool.counters()["rollouts/worker_restarts"] == 1
+
+
+def test_collective_sync_takes_back_a_worker_killed_idle_busy_or_before_a_push(ray_cluster, tmp_path):
+    """sync.method=collective: a process group cannot take a restarted process back, so the sync
+    forms a new one with the worker's new life. Whenever it dies, the new life samples with the
+    weights the learner last sent (never the base's it starts from), and the restart is counted."""
+    ray = ray_cluster
+    from rollout.pool import RolloutPool
+    from rollout.sync import CollectiveSync
+
+    learner, workers, windows = small_graph(ray, tmp_path)
+    sync = CollectiveSync(learner, workers, bucket_mb=0.01, timeout_s=120)
+    pool = RolloutPool(workers, timeout_s=120, sync=sync)
+
+    def step(kill=None):
+        pending = pool.submit(windows)
+        if kill is not None:  # while it samples
+            ray.kill(workers[kill], no_restart=False)
+        rollouts = pool.gather(pending)
+        ray.get(learner.train_step.remote(rollouts, windows))
+        return [r.version for r in rollouts]
+
+    assert step() == [0, 0]
+    sync.push()
+    ray.kill(workers[0], no_restart=False)  # idle: its next life samples at the next step
+    assert step() == [1, 1] and pool.counters()["rollouts/worker_restarts"] == 1 and sync.groups == 2
+    sync.push()
+    assert step(kill=1) == [2, 2] and pool.counters()["rollouts/worker_restarts"] == 2 and sync.groups == 3
+    ray.kill(workers[0], no_restart=False)  # before the push: the broadcast fails, and is made again
+    sync.push()
+    assert sync.groups == 4 and step() == [3, 3] and pool.counters()["rollouts/worker_restarts"] == 3
+    sync.push()
+    learner_weights = ray.get(learner.weights.remote())[0]
+    for w in workers:
+        assert all(torch.equal(t, learner_weights[k]) for k, t in ray.get(w.weights.remote()).items())
 
 
 def test_reward_that_raises_is_dropped_and_counted(ray_cluster, tmp_path):

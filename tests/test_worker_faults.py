@@ -1,13 +1,18 @@
-"""Rollout workers that hang or die, in a real RLP run (subprocesses, a real local Ray cluster): a
-worker silent for rollout.timeout_s is left out of its steps and counted; when every worker dies
-at every try the run stops with one named line and exit 1, and resume=true finishes it."""
+"""Actors that hang or die in a real RLP run (subprocesses, a real local Ray cluster), each as
+docs/reliability.md says:
+- a rollout worker silent for rollout.timeout_s is left out of its steps and counted;
+- a killed Learner ends the run in one line, exit 1;
+- every rollout worker dying at every try ends it in one named line, exit 1;
+and resume=true takes the run on after each, to its last step."""
 
 import os
-import subprocess
+import signal
+import time
 
 import pytest
 
 from tests.test_resume import finish, logged_steps, pipeline
+from tests.test_worker_restart import actor_pids
 from training.metrics import read_metrics
 
 FAULTY = "reward=tests.faulty_reward:info_gain_unless_told"
@@ -19,34 +24,49 @@ def tell(faults, what: str, text: str = "") -> None:
     os.replace(faults / f".{what}", faults / what)
 
 
+def stopped(proc) -> str:
+    """The last line of a run that must have failed with exit status 1."""
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out[-3000:]
+    return out.strip().splitlines()[-1]
+
+
+def wait_for_step(proc, metrics, step: int) -> None:
+    while max(logged_steps(metrics), default=-1) < step:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
-def test_a_hung_worker_is_left_out_and_every_worker_dead_stops_the_run_which_resumes(tmp_path, monkeypatch):
+def test_a_hung_worker_a_killed_learner_and_every_worker_dead(tmp_path, monkeypatch):
     faults = tmp_path / "faults"
     faults.mkdir()
     monkeypatch.setenv("PONDER_FAULTS", str(faults))
-    run, args = tmp_path / "run", ["run_name=run", "pretrain.steps=10", "train.steps=8", "train.save_every=2",
+    run, args = tmp_path / "run", ["run_name=run", "pretrain.steps=10", "train.steps=9", "train.save_every=2",
                                    "rollout.timeout_s=6", FAULTY]
+    metrics = run / "metrics.jsonl"
+
     tell(faults, "hang", "15")  # the first thought group's worker sleeps 15 s: past the timeout
     proc = pipeline(tmp_path, *args)
-    while max(logged_steps(run / "metrics.jsonl"), default=-1) < 4:
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-    assert not (faults / "hang").exists()
+    wait_for_step(proc, metrics, 3)
+    [learner] = actor_pids(proc.pid, "Learner")
+    os.kill(learner, signal.SIGKILL)
+    last = stopped(proc)
+    assert last.startswith("error: ActorDiedError: ") and last.endswith("continue with the same command and resume=true")
+    records = read_metrics(metrics)
+    hung = [r["step"] for r in records[1:] if r["rollouts/worker_timeouts"] > 0]
+    assert hung and hung[0] == 1, [(r["step"], r["rollouts/worker_timeouts"]) for r in records[1:]]
+    assert all(r["rlp/samples"] > 0 for r in records[1:])  # the other worker's rollouts trained every step
+
+    proc = pipeline(tmp_path, *args, "resume=true")
+    wait_for_step(proc, metrics, 6)
     tell(faults, "exit")  # from now on every worker dies at its first reward, in every life
-    out, _ = proc.communicate(timeout=600)
-    last = out.strip().splitlines()[-1]
-    assert proc.returncode == 1, out[-3000:]
-    print(last)
+    last = stopped(proc)
     assert last.startswith("error: none of the 2 rollout workers returned rollouts for this step (restarts "), last
     assert last.endswith("resume=true continues from the last checkpoint"), last
-    records = read_metrics(run / "metrics.jsonl")
-    assert records[-1]["step"] >= 4
-    hung = [r for r in records[1:] if r["rollouts/worker_timeouts"] > 0]
-    assert hung and hung[0]["step"] == 1, [(r["step"], r["rollouts/worker_timeouts"]) for r in records]
-    assert all(r["rlp/samples"] > 0 for r in records[1:])  # the other worker's rollouts trained every step
 
     (faults / "exit").unlink()
     finish(pipeline(tmp_path, *args, "resume=true"))
-    records = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(9))
-    print([(r["step"], r["rollouts/worker_timeouts"], r["rollouts/worker_restarts"]) for r in records[1:]])
+    records = read_metrics(metrics)
+    assert [r["step"] for r in records] == list(range(10))
     assert records[-1]["rollouts/worker_timeouts"] == max(r["rollouts/worker_timeouts"] for r in records[1:]) > 0

@@ -12,11 +12,15 @@ from tests.test_resume import finish, logged_steps, pipeline
 from training.metrics import read_metrics
 
 
-def rollout_worker_pids(session: int) -> list[int]:
-    """The RolloutWorker actor processes of one run (its own session: other Ray clusters untouched)."""
+def actor_pids(session: int, actor: str) -> list[int]:
+    """The processes of one run's actors of a class (its own session: other Ray clusters untouched)."""
     out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
     return [int(pid) for pid, sid, args in (line.split(None, 2) for line in out.splitlines() if line.strip())
-            if int(sid) == session and args.startswith("ray::RolloutWorker")]
+            if int(sid) == session and args.startswith(f"ray::{actor}")]
+
+
+def rollout_worker_pids(session: int) -> list[int]:
+    return actor_pids(session, "RolloutWorker")
 
 
 @pytest.mark.slow

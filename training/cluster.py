@@ -9,6 +9,7 @@ rather than extending it. A submitted job's actors get what `--runtime-env-json`
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def start_ray(address: str) -> bool:
         ray.init(address=address, runtime_env={"working_dir": str(ROOT), **env,
                                                "excludes": [".venv", "runs", ".cache", "wandb", ".git"]})
     else:  # a local cluster on this machine
+        # Ray binds its servers to every interface, so the cluster a run starts for itself always
+        # asks for Ray's token (~/.ray/auth_token, made if missing): nothing outside the run needs in.
+        # Ray's own default for a new local cluster, whatever RAY_AUTH_MODE says.
+        os.environ.pop("RAY_AUTH_MODE", None)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # address="local": a cluster of its own, never one that another `ray start` left on this machine
         ray.init(address="local", include_dashboard=False,
                  runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath(str(ROOT))}})

@@ -154,6 +154,9 @@ class VLLMEngine:
                        worker_extension_cls=WORKER_EXTENSION, generation_config="vllm", **llm_kwargs)
         self.version = 0
         self._logit_scale = 1.0
+        # Every sampling pass seeds vLLM's sampler from this generator, so a run resumed with the
+        # generator's state samples what the unkilled run sampled.
+        self.generator = torch.Generator().manual_seed(seed)
         # A TTT-E2E model that learns from contexts only is told where each request's context ends.
         self._marks_context_ends = config is not None and config.is_ttt and not config.ttt_update_during_decode
         if self._marks_context_ends:
@@ -207,6 +210,8 @@ class VLLMEngine:
             ends = None if context_ends is None else [e for e in context_ends for _ in range(n)]
             outs = self._run([p for p in prompts for _ in range(n)], params, ends)
             return [[out.outputs[0] for out in outs[i * n:(i + 1) * n]] for i in range(len(prompts))]
+        # Each sampling pass starts vLLM's sampler from a seed drawn here: exact on resume.
+        self.llm.collective_rpc("ponder_seed", args=(int(torch.randint(2**31 - 1, (1,), generator=self.generator)),))
         return [out.outputs for out in self._run(prompts, params, context_ends)]
 
     def _last_logprobs(self, prompts: list[list[int]], targets: list[int],

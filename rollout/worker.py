@@ -115,9 +115,8 @@ class RolloutWorker:
     def rng_state(self) -> dict:
         """The generators a rollout draws from (positions, sampling), for an exact resume."""
         state = {"positions": self.generator.get_state()}
-        for name, engine in (("policy", self.policy), ("teacher", self.teacher)):
-            if isinstance(engine, TorchEngine):
-                state[name] = engine.generator.get_state()
+        for name, engine in (("policy", self.policy), ("teacher", self.teacher)):  # either engine
+            state[name] = engine.generator.get_state()
         return state
 
     def set_rng_state(self, state: dict) -> None:

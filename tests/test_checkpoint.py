@@ -36,10 +36,11 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 def test_a_damaged_sharded_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
     """A DCP checkpoint whose state.pt is whole but whose shards are not: every shard the metadata
     lists is checked against the bytes it needs, and the warning names the file."""
-    from training.distributed import save_sharded_checkpoint
+    from training.distributed import ShardedSaver
 
+    saver = ShardedSaver(asynchronous=False)
     for step in (3, 6):
-        save_sharded_checkpoint(tmp_path, step, {"step": step}, {"w": torch.full((4096,), float(step))})
+        saver.save(tmp_path, step, {"step": step}, {"w": torch.full((4096,), float(step))})
     dcp_dir = tmp_path / "checkpoints" / "step_00000006" / "dcp"
     shard = next(dcp_dir.glob("*.distcp"))
     if damage == "truncated shard":
@@ -54,6 +55,30 @@ def test_a_damaged_sharded_checkpoint_falls_back_to_the_previous_one(tmp_path, d
         path, state = load_latest_checkpoint(tmp_path)
     assert path.name == "step_00000003" and state["step"] == 3
     assert not (tmp_path / "checkpoints" / ".tmp_step_00000009").exists()
+
+
+def test_an_asynchronous_save_holds_the_state_it_was_given_and_counts_once_written(tmp_path):
+    """learner.async_save: save() returns at once, training goes on changing the tensors in place,
+    and the checkpoint, once written, holds them as they were; until then the previous one is the
+    newest."""
+    import torch.distributed.checkpoint as dcp
+
+    from training.distributed import ShardedSaver
+
+    saver = ShardedSaver(asynchronous=True)
+    w = torch.randn(1 << 20)
+    saved = w.clone()
+    saver.save(tmp_path, 3, {"step": 3}, {"w": w})
+    saver.wait()
+    saver.save(tmp_path, 6, {"step": 6}, {"w": w})
+    w.add_(1.0)  # the next optimiser step, while the thread writes
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000003"]
+    saver.wait()
+    path, state = load_latest_checkpoint(tmp_path)
+    assert path.name == "step_00000006" and state["step"] == 6
+    read = {"w": torch.zeros_like(w)}
+    dcp.load(read, checkpoint_id=str(path / "dcp"), no_dist=True)
+    assert torch.equal(read["w"], saved)
 
 
 def test_only_the_newest_checkpoints_are_kept_and_no_temporaries(tmp_path):

@@ -261,6 +261,7 @@ def test_two_rlp_steps_on_ray_with_a_vllm_worker(ray_cluster, which, tok, tmp_pa
     worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(str(model_dir), str(tok_dir), cfg.rlp, cfg.reward,
                                                                  0, "cpu", cfg.rollout.engine)
     windows = torch.randint(5, len(tok), (2, 25))
+    sync = ObjectStoreSync(learner, [worker])
     for step in range(2):
         rollouts = ray.get(worker.rollout.remote(windows))
         assert rollouts.version == step and len(rollouts.rewards) == 2 * 3
@@ -268,7 +269,7 @@ def test_two_rlp_steps_on_ray_with_a_vllm_worker(ray_cluster, which, tok, tmp_pa
         assert metrics["rlp/samples"] == 6
         # Synchronous: the learner's log-probs of vLLM's thoughts are vLLM's own (ratio 1, no clip).
         assert metrics["rlp/ratio_mean"] == pytest.approx(1.0, abs=TOL) and metrics["rlp/clip_frac"] == 0
-        ObjectStoreSync(learner, [worker]).push()
+        sync.push()
     assert ray.get(learner.get_version.remote()) == ray.get(worker.__ray_call__.remote(lambda w: w.version)) == 2
     # The worker's vLLM now scores with the learner's weights, which moved away from the base.
     sequences, targets = [windows[0, :10].tolist(), windows[1, :7].tolist()], [3, 4]
@@ -276,3 +277,17 @@ def test_two_rlp_steps_on_ray_with_a_vllm_worker(ray_cluster, which, tok, tmp_pa
     trained = ray.get(learner.__ray_call__.remote(lambda learner: last_logprobs(learner.model, sequences, targets)))
     assert max_diff(served, trained) < TOL
     assert max_diff(served, last_logprobs(model, sequences, targets)) > 1e-3
+    # What an exact resume needs of the worker: with its generators' state back (positions, and
+    # vLLM's per-request sampling seeds) and the same weights loaded (which empties vLLM's prefix
+    # cache), it samples the same thoughts with the same log-probs and rewards; without, others.
+    state = ray.get(worker.rng_state.remote())
+    first = ray.get(worker.rollout.remote(windows))
+    sync.push()
+    ray.get(worker.set_rng_state.remote(state))
+    again = ray.get(worker.rollout.remote(windows))
+    sync.push()
+    other = ray.get(worker.rollout.remote(windows))
+    assert [(s.context, s.thought, s.old_logprobs) for s in again.samples] == [(s.context, s.thought, s.old_logprobs)
+                                                                           for s in first.samples]
+    assert again.rewards == first.rewards
+    assert [s.thought for s in other.samples] != [s.thought for s in first.samples]

@@ -337,6 +337,9 @@ class LearnerConfig:
     placement: str = one_of("pack", "pack", "spread")
     # Seconds to wait for the cluster to place the actors before failing (never PENDING forever).
     placement_timeout_s: float = positive(120.0)
+    # true: a checkpoint's shards are copied to host memory and written by a thread while the next
+    # step's rollouts run (DCP async_save); it becomes the newest checkpoint as the next step trains
+    async_save: bool = True
 
 
 @dataclass

@@ -13,6 +13,7 @@ CPU) and the backend (NCCL on CUDA, gloo on CPU) differ.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from datetime import timedelta
 
 import torch
@@ -188,25 +189,60 @@ def full_state(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_sharded_checkpoint(run_dir, step: int, state: dict, sharded: dict, keep: int = 2):
-    """checkpoints/step_<step>/ holding dcp/ (every rank's shards) and state.pt (rank 0's `state`:
-    counters, RNGs, the driver's state), made whole in a temporary directory and renamed by rank 0.
-    Without a process group: one process writes all of it."""
-    import torch.distributed.checkpoint as dcp
+class ShardedSaver:
+    """Writes checkpoints/step_<step>/: dcp/ (every rank's shards) and state.pt (rank 0's `state`:
+    counters, RNGs, the driver's state), made whole in a temporary directory and renamed by rank 0
+    once every rank's shards are written; until then the previous checkpoint is the newest. Without
+    a process group one process writes all of it.
 
-    from training.checkpoint import checkpoint_dirs, commit_dir, fresh_dir
+    asynchronous: save() copies the shards into CPU memory and returns; a thread writes them (over a
+    gloo group of its own, so that DCP's collectives never meet the training's), and wait() (the
+    learner's next train_step, or the next save) renames it into place. The copy costs the state's
+    size in host memory.
+    """
 
-    final, tmp = checkpoint_dirs(run_dir, step)
-    group = is_distributed()
-    rank = dist.get_rank() if group else 0
-    if rank == 0:
-        fresh_dir(tmp)
-    if group:
-        dist.barrier()
-    dcp.save(sharded, checkpoint_id=str(tmp / "dcp"), no_dist=not group)
-    if rank == 0:
-        torch.save({**state, "sharded": True}, tmp / "state.pt")
-        commit_dir(tmp, final, keep)
-    if group:
-        dist.barrier()
-    return final
+    def __init__(self, asynchronous: bool):
+        self.asynchronous = asynchronous
+        self.group = dist.new_group(backend="gloo") if asynchronous and is_distributed() else None
+        self.pending = None  # (future, tmp, final, keep) of the save being written
+
+    def save(self, run_dir, step: int, state: dict, sharded: dict, keep: int = 2) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        from training.checkpoint import checkpoint_dirs, fresh_dir
+
+        self.wait()
+        final, tmp = checkpoint_dirs(run_dir, step)
+        group = is_distributed()
+        if not group or dist.get_rank() == 0:
+            fresh_dir(tmp)
+            torch.save({**state, "sharded": True}, tmp / "state.pt")
+        if group:
+            dist.barrier()
+        if self.asynchronous:
+            future = dcp.async_save(sharded, checkpoint_id=str(tmp / "dcp"), process_group=self.group, no_dist=not group)
+            self.pending = (future, tmp, final, keep)
+        else:
+            dcp.save(sharded, checkpoint_id=str(tmp / "dcp"), no_dist=not group)
+            self._commit(tmp, final, keep)
+        return final
+
+    def wait(self) -> None:
+        """Finish the save being written (its errors are raised here) and make it the newest."""
+        if self.pending is not None:
+            future, tmp, final, keep = self.pending
+            self.pending = None
+            future.result()
+            self._commit(tmp, final, keep)
+
+    @staticmethod
+    def _commit(tmp: Path, final: Path, keep: int) -> None:
+        from training.checkpoint import commit_dir
+
+        group = is_distributed()
+        if group:
+            dist.barrier()  # every rank's shards are written
+        if not group or dist.get_rank() == 0:
+            commit_dir(tmp, final, keep)
+        if group:
+            dist.barrier()

@@ -52,6 +52,7 @@ class Learner:
         self.rank, self.world = (group["rank"], group["world"]) if group else (0, 1)
         if group:
             distributed.init_group(self.rank, self.world, group["addr"], group["port"], self.device)
+        self.saver = distributed.ShardedSaver(cfg.learner.async_save)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)  # φ ← θ at the first step
         if distributed.is_distributed():
@@ -70,6 +71,8 @@ class Learner:
 
     def train_step(self, rollouts: list[Rollouts], windows: torch.Tensor) -> dict[str, float]:
         cfg, rlp = self.cfg, self.cfg.rlp
+        with writing(self.run_dir / "checkpoints"):  # the last save's write had the rollouts' time to end
+            self.saver.wait()
         start = time.perf_counter()
         # Off-policy beyond max_staleness versions: dropped, and counted.
         fresh = [r for r in rollouts if self.version - r.version <= rlp.max_staleness]
@@ -216,13 +219,17 @@ class Learner:
         return {**metrics, **self.counters}
 
     # ------------------------------------------------------------------------------- checkpoint
-    def save(self, extra: dict | None = None) -> str:
-        """`extra`: the driver's own state (loader, RNGs, the workers' generators), saved with ours."""
+    def save(self, extra: dict | None = None, wait: bool = True) -> str:
+        """`extra`: the driver's own state (loader, RNGs, the workers' generators), saved with ours.
+        Without `wait` (learner.async_save) the shards are written while the next step's rollouts
+        run, and the checkpoint becomes the newest at the start of the next train_step."""
         # DCP: every rank writes its shards, and any number of ranks reads them; model/ is gathered on rank 0.
         state = {"version": self.version, "counters": self.counters, "rng": rng_state(), "extra": extra or {}}
         with writing(self.run_dir / "checkpoints"):
-            path = distributed.save_sharded_checkpoint(self.run_dir, self.version, state,
-                                                       distributed.sharded_state(self.model, self.ema, self.optimizer))
+            path = self.saver.save(self.run_dir, self.version, state,
+                                   distributed.sharded_state(self.model, self.ema, self.optimizer))
+            if wait:
+                self.saver.wait()
         model = self.plain_model()
         if model is not None:
             with writing(self.run_dir / "model"):

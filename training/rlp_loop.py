@@ -7,6 +7,7 @@ One step is a flat sequence of named, timed phases:
     sync      the new weights to every worker (behind any rollout in flight: actor tasks keep order)
     eval      [every train.eval_every]
     save      [every train.save_every] after the step's metrics record, so both survive a kill
+              (learner.async_save: written while the next step's rollouts run; it counts once whole)
 
 With rollout.async the next step's thoughts are sampled while the learner trains, by weights one
 version old: the learner drops rollouts more than rlp.max_staleness versions old and truncates the
@@ -126,7 +127,8 @@ class RLPLoop:
                     logger.log({**metrics, **timings}, step=step)
             if step % t.save_every == 0 or step == t.steps:  # after the step's record: both survive a kill
                 logger.sync()
-                learner.get(learner.save.remote(self.state_dict()))
+                # The last checkpoint is whole before the run ends; the others are written as it goes on.
+                learner.get(learner.save.remote(self.state_dict(), step == t.steps))  # wait: the last
         tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
         summary = {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
         # The whole run's steps, those before a resume included (as logged: train.log_every).

@@ -35,6 +35,14 @@ class PonderWorkerExtension:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_not_rope_reload)
         self.reload_weights(weights_iterator=iter(load(blob).items()), is_checkpoint_format=True)
 
+    def ponder_seed(self, seed: int) -> None:
+        """Seed the generator vLLM's sampler draws from for requests without a seed of their own.
+        (Per-request seeds would do, but vLLM rewinds their generators after a partial prefill by
+        an offset that only CUDA generators have.)"""
+        import torch
+
+        torch.manual_seed(seed)
+
     def ponder_scale_logits(self, factor: float) -> None:
         """Scale the model's logits by `factor` (on top of any scale the architecture has)."""
         from vllm.model_executor.layers.logits_processor import LogitsProcessor

@@ -15,8 +15,10 @@ Both survive a worker's death. Ray starts the worker again from its constructor 
 weights). With the object store the new life loads the last references sent. A process group
 cannot take a new process into a dead one's place, so the collective forms a new group with the
 new life and every other member (a new rendezvous) and sends the current weights through it; a
-broadcast that fails because a member died does the same. On gloo a dead member fails the
-group's pending broadcasts at once; on NCCL they wait out sync's timeout.
+broadcast that fails because a member died does the same. A broadcast into a group with a dead
+member can leave the living ones waiting out sync's timeout, so a push first asks Ray's control
+store how often each worker was restarted: one restarted since the group formed has the group
+formed again before anything is sent. Only a death during a broadcast waits out the timeout.
 
 The learner side is an actor (or group) with weights(), rendezvous(), join_sync() and
 broadcast_weights() (training/learner.py); a worker has load_weights(), join_sync() and
@@ -157,12 +159,15 @@ class CollectiveSync:
                 time.sleep(0.2)
                 pending[join(i)] = i
         self.groups += 1
+        self.lives = self._lives()
 
     def push(self, wait: bool = True) -> None:
         """Learner rank 0 broadcasts, every worker receives. A push that failed because a member
         died (this one, or an earlier one not waited for) is made again in a new group."""
         done = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)[0] if self.pending else []
-        if self._failed(done):
+        # A worker restarted since the group formed would leave the others' broadcast waiting out the
+        # timeout: the group is formed again first.
+        if self._failed(done) or self._lives() != self.lives:
             self.readmit()
             return
         self.pending, self.pushed = self._send(), True
@@ -171,7 +176,7 @@ class CollectiveSync:
 
     def readmit(self) -> None:
         """A new group with every worker's current life, then the current weights through it."""
-        self._failed(self.pending)  # the broken group's pushes end first (gloo fails them at once)
+        self._failed(self.pending)  # the broken group's pushes end first: a member inside one cannot join
         self.join()
         self.pending = []
         if self._failed(self._send()):
@@ -179,6 +184,16 @@ class CollectiveSync:
 
     def _send(self) -> list:
         return [self.learner.broadcast_weights.remote()] + [w.receive_weights.remote() for w in self.workers]
+
+    def _lives(self) -> list[int] | None:
+        """How many times Ray has restarted each worker, as its control store (GCS) knows it; it asks
+        no actor, so it never waits behind a rollout. None where this Ray does not say."""
+        try:
+            from ray._private.state import actors
+
+            return [actors(w._actor_id.hex())["NumRestarts"] for w in self.workers]
+        except Exception:  # a Ray without this table: a death is found when a broadcast fails
+            return None
 
     @staticmethod
     def _failed(refs: list) -> bool:

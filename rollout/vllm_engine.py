@@ -143,6 +143,10 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default takes far more
             llm_kwargs.setdefault("enforce_eager", True)  # compiling for the CPU costs minutes at start
         llm_kwargs.setdefault("enable_prefix_caching", True)  # the scoring passes reuse the sampled prefixes
+        # vLLM's engine core in this process: every request of a pass reaches its scheduler before
+        # the first step, so the batches, and the sampler's draws from the seeded generator, do not
+        # depend on when a separate core process reads them (an exact resume needs this).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if tokenizer_dir is None:
             llm_kwargs["skip_tokenizer_init"] = True
             # vLLM warms a chat template up all the same and logs the failure; nothing here chats.

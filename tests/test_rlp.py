@@ -1,7 +1,9 @@
 """RLP: the policy loss, the EMA teacher, the reward on a model trained to copy, and the Ray graph
 (two rollout workers and a learner) end to end."""
 
+import contextlib
 import copy
+import time
 
 import pytest
 import torch
@@ -226,8 +228,14 @@ def test_collective_sync_takes_back_a_worker_killed_idle_busy_or_before_a_push(r
     assert step() == [1, 1] and pool.counters()["rollouts/worker_restarts"] == 1 and sync.groups == 2
     sync.push()
     assert step(kill=1) == [2, 2] and pool.counters()["rollouts/worker_restarts"] == 2 and sync.groups == 3
-    ray.kill(workers[0], no_restart=False)  # before the push: the broadcast fails, and is made again
+    ray.kill(workers[0], no_restart=False)  # before the push: the group is formed again, then it sends
+    while True:  # until its new life answers (a call may still reach the old one, or none while it restarts)
+        with contextlib.suppress(ray.exceptions.ActorUnavailableError):
+            if ray.get(workers[0].__ray_call__.remote(lambda w: w.sync is None)):
+                break
+    started = time.monotonic()
     sync.push()
+    assert time.monotonic() - started < 60  # it did not wait out the sync's 120-s timeout
     assert sync.groups == 4 and step() == [3, 3] and pool.counters()["rollouts/worker_restarts"] == 3
     sync.push()
     learner_weights = ray.get(learner.weights.remote())[0]

@@ -2,13 +2,16 @@
 broadcast (rollout/sync.py), by model size, and sync's share of a learner step.
 
 Each sync carries what the pipeline's does: the policy and the EMA teacher, from a learner actor
-into every engine actor's models. object_store: learner.weights() into the object store once,
-each engine gets both and loads them. collective: learner rank 0 broadcasts them in buckets of
---bucket-mb over a gloo (CPU) or NCCL (GPU) group. The step is one learner optimiser step on
---windows windows of --seq tokens (next-token term only) of the same model.
+into every engine actor's models. object_store: learner.weights() into the object store once as
+numpy arrays (rollout/sync.py: to_wire), each engine gets both and loads them; object_store
+(tensors): the same with torch tensors, which Ray pickles through their bytes. collective: learner
+rank 0 broadcasts them in buckets of --bucket-mb over a gloo (CPU) or NCCL (GPU) group. The step is
+one learner optimiser step on --windows windows of --seq tokens (next-token term only) of the same
+model.
 
     python bench/weight_sync.py                               # tiny and 125m, 2 engines, CPU
     python bench/weight_sync.py --models tiny 125m 1b --engines 4 --gpus 1   # a GPU node
+    python bench/weight_sync.py --models ~/ponder/models/smollm2-135m --engines 1   # a saved model
 """
 
 from __future__ import annotations
@@ -29,8 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(shape: str):
+    """A Ponder model of a configs/model shape, or a saved model directory."""
     from models import PonderConfig, PonderForCausalLM
 
+    if Path(shape).expanduser().is_dir():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(Path(shape).expanduser())
     fields = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{shape}.yaml"))
     fields.pop("name")
     fields["vocab_size"] = fields.get("vocab_size") or 4096
@@ -52,13 +60,17 @@ class Side:
     def params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def weights(self):
-        return ({k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
-                {k: v.detach().to("cpu", copy=True) for k, v in self.ema.state_dict().items()})
+    def weights(self, wire: bool = True):
+        from rollout.sync import to_wire
+
+        states = [{k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()} for m in (self.model, self.ema)]
+        return tuple(map(to_wire, states)) if wire else tuple(states)
 
     def load(self, policy, ema) -> None:
-        self.model.load_state_dict(policy)
-        self.ema.load_state_dict(ema)
+        from rollout.sync import from_wire
+
+        self.model.load_state_dict(from_wire(policy))
+        self.ema.load_state_dict(from_wire(ema))
 
     def join(self, addr, port, rank, world, bucket_mb) -> None:
         from rollout.sync import WeightBroadcast
@@ -76,10 +88,12 @@ class Side:
     def step_s(self, windows: int, seq: int) -> float:
         """Seconds of one optimiser step on `windows` x `seq` tokens (the second of two)."""
         opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        from models.hf import next_token_loss
+
         ids = torch.randint(0, self.model.config.vocab_size, (windows, seq + 1), device=self.device)
         for _ in range(2):
             t = time.perf_counter()
-            self.model(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
+            next_token_loss(self.model, ids[:, :-1], ids[:, 1:]).backward()
             opt.step()
             opt.zero_grad()
             if self.device.type == "cuda":
@@ -100,8 +114,8 @@ def bench(shape: str, args) -> dict:
     params = ray.get(learner.params.remote())
     ray.get([e.params.remote() for e in engines])
 
-    def object_store():
-        refs = learner.weights.options(num_returns=2).remote()
+    def object_store(wire: bool = True):
+        refs = learner.weights.options(num_returns=2).remote(wire)
         ray.get([e.load.remote(*refs) for e in engines])
 
     addr, port = ray.get(learner.address.remote())
@@ -112,8 +126,9 @@ def bench(shape: str, args) -> dict:
     def collective():
         ray.get([learner.send.remote(1)] + [e.receive.remote() for e in engines])
 
-    out = {"model": shape, "params_M": params / 1e6, "MB_per_sync": 2 * params * 4 / 2**20}
-    for name, fn in (("object_store", object_store), ("collective", collective)):
+    out = {"model": Path(shape).name, "params_M": params / 1e6, "MB_per_sync": 2 * params * 4 / 2**20}
+    for name, fn in (("object_store", object_store), ("tensors", lambda: object_store(wire=False)),
+                     ("collective", collective)):
         times = []
         for _ in range(args.repeats + 1):  # the first warms up
             t = time.perf_counter()
@@ -137,14 +152,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    print(f"{'model':>6} {'params':>8} {'MB/sync':>8} {'object_store s':>15} {'collective s':>13} {'speedup':>8} "
-          f"{'step s':>8} {'sync share (os / coll)':>23}")
+    print(f"{'model':>12} {'params':>8} {'MB/sync':>8} {'object_store s':>15} {'(tensors) s':>12} {'collective s':>13} "
+          f"{'tensors/os':>10} {'os/coll':>8} {'step s':>8} {'sync share (os / coll)':>23}")
     for shape in args.models:
         r = bench(shape, args)
         share = [r[m] / (r[m] + r["step"]) for m in ("object_store", "collective")]
-        print(f"{r['model']:>6} {r['params_M']:>7.1f}M {r['MB_per_sync']:>8.0f} {r['object_store']:>15.3f} "
-              f"{r['collective']:>13.3f} {r['object_store'] / r['collective']:>7.2f}x {r['step']:>8.3f} "
-              f"{share[0]:>11.0%} / {share[1]:.0%}", flush=True)
+        print(f"{r['model']:>12} {r['params_M']:>7.1f}M {r['MB_per_sync']:>8.0f} {r['object_store']:>15.3f} "
+              f"{r['tensors']:>12.3f} {r['collective']:>13.3f} {r['tensors'] / r['object_store']:>9.2f}x "
+              f"{r['object_store'] / r['collective']:>7.2f}x {r['step']:>8.3f} {share[0]:>11.0%} / {share[1]:.0%}",
+              flush=True)
     ray.shutdown()
 
 

@@ -216,6 +216,12 @@ class PonderForCausalLM(PonderPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed = value
 
+    def get_output_embeddings(self):
+        return self.head  # None when tied: resizing the embedding resizes the projection
+
+    def set_output_embeddings(self, value):
+        self.head = value
+
     @property
     def output_weight(self) -> torch.Tensor:
         """[vocab, hidden]: the output projection's matrix (the embedding when tied)."""

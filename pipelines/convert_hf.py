@@ -5,7 +5,7 @@ model, ready for meta-learning from its weights (the bridge: ttt_pretrain.py bas
     python pipelines/convert_hf.py source=... out=... model.suffix_len=2 model.sliding_window=128 model.mini_batch_size=32
 
 Writes <out>/ (save_pretrained, mode ttt_e2e) with the source's tokenizer files copied beside the
-weights. On sequences within the window the converted model computes the source's function
+weights (from the source's directory, or from the tokenizer/ a pipeline saved beside it). On sequences within the window the converted model computes the source's function
 exactly (models/convert.py says how).
 """
 
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from models.convert import convert_hf  # noqa: E402
 from training.checkpoint import save_model  # noqa: E402
 from training.config import CONFIG_DIR, ConfigError, ConvertConfig  # noqa: E402
+from training.preflight import tokenizer_beside  # noqa: E402
 from training.run import config_errors_exit, export_llama, parse_config_or_exit  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -35,9 +36,10 @@ def main(argv: list[str]) -> Path:
         except ValueError as e:  # an unsupported source, or a suffix_len the source's depth does not allow
             raise ConfigError(str(e)) from None
     save_model(model, out)
-    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    tokenizer = tokenizer_beside(source) or source  # in the model's directory, or a pipeline's tokenizer/ beside it
+    copied = [name for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
     for name in copied:
-        shutil.copy2(source / name, out / name)
+        shutil.copy2(tokenizer / name, out / name)
     c = model.config
     print(f"converted {source} ({model.num_params() / 1e6:.2f}M parameters, {c.num_hidden_layers} blocks) to {out}: "
           f"fast MLPs in the last {c.suffix_len}, window {c.sliding_window}, chunks of {c.mini_batch_size}")

@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from training.checkpoint import checkpoint_step, check_model_dir, latest_checkpoint  # noqa: E402
 from training.cluster import start_ray  # noqa: E402
-from training.config import CONFIG_DIR, LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig  # noqa: E402
+from training.config import CONFIG_DIR, RLPMidtrainConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
 from training.graph import build_graph, cli, placement  # noqa: E402
 from training.optim import steps_for_tokens  # noqa: E402
@@ -34,40 +33,7 @@ from training.rlp_loop import run_graph  # noqa: E402
 from training.preflight import check_base, check_data_files, check_tokenizer_fits  # noqa: E402
 from training.run import (check_vllm_serves, config_errors_exit, parse_config_or_exit, prepare_run_dir,  # noqa: E402
                           resolve_device, think_ready_base)
-from training.trainer import run_pretraining  # noqa: E402
-
-
-def pretrain_base(cfg: RLPMidtrainConfig, data, run_dir: Path, device) -> Path:
-    """A briefly pretrained base model, checkpointed as it goes: a finished one is reused, a
-    killed one continues from its last checkpoint."""
-    base_dir, p = run_dir / "base", cfg.pretrain
-    last = latest_checkpoint(base_dir)
-    if last is not None and checkpoint_step(last) >= p.steps:
-        try:
-            check_model_dir(base_dir / "model")
-            print(f"using the base model pretrained earlier in {base_dir}")
-            return base_dir / "model"
-        except ValueError as e:
-            print(f"the base model pretrained earlier is unusable ({e}): pretraining it again")
-            last = None
-    print(f"no base model given: pretraining {cfg.model.name} ({cfg.model.mode}) for {p.steps} steps"
-          + (f", from step {checkpoint_step(last)}" if last is not None else "")
-          + (" on documents with worked solutions as thoughts (pretrain.augment=think), so the policy can think"
-             if p.augment == "think" else f" (pretrain.augment={p.augment})"))
-    base_data = dataclasses.replace(cfg.data, augment=p.augment)
-    if p.augment != cfg.data.augment:  # the same corpus, split and tokenizer; thoughts in the train documents
-        data = prepare_data(dataclasses.replace(base_data, tokenizer=cfg.data.tokenizer or str(run_dir / "tokenizer")),
-                            run_dir, cfg.seed)
-    pre = PretrainConfig(
-        run_name="base", out_dir=str(run_dir), seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-        resume=last is not None, model=cfg.model, ttt=cfg.ttt, data=base_data,
-        optim=dataclasses.replace(cfg.optim, lr=p.lr, end_lr=p.lr / 100, warmup_steps=min(30, p.steps)),
-        train=LoopConfig(steps=p.steps, batch_size=p.batch_size, eval_every=p.eval_every,
-                         save_every=min(p.save_every, p.steps), eval_windows=cfg.train.eval_windows, log_every=10),
-        wandb=WandbConfig(mode="disabled"),
-    )
-    run_pretraining(pre, data, base_dir, device)
-    return base_dir / "model"
+from training.stages import format_warmup, pretrain_base  # noqa: E402
 
 
 def main(argv: list[str]) -> dict:
@@ -97,7 +63,10 @@ def main(argv: list[str]) -> dict:
     try:
         with config_errors_exit():  # a resource request the cluster cannot hold: one line, before anything runs
             groups = placement(cfg)
-        base = base or pretrain_base(cfg, data, run_dir, device)
+        if base is None:
+            base = pretrain_base(cfg, data, run_dir, device)
+        elif cfg.warmup.steps:  # a given base learns RLP's format first
+            base = format_warmup(cfg, data, base, run_dir, device)
         learner, workers = build_graph(cfg, data, base, run_dir, groups)
         with config_errors_exit():  # a learner that cannot see the run directory: one line
             summary = run_graph(cfg, learner, workers, data, run_dir)

@@ -1,7 +1,8 @@
 """How the learner's weights reach the rollout workers: one interface, two methods, chosen once
 by `weight_sync(sync_cfg, learner, workers, timeout_s)`.
 
-    sync.method=object_store   learner.weights() into Ray's object store once; every worker reads it
+    sync.method=object_store   learner.weights() into Ray's object store once, as numpy arrays (which
+                               it hands over without a copy); every worker reads it
     sync.method=collective     learner rank 0 broadcasts the weights in buckets of sync.bucket_mb over
                                one process group of its own joining it with every engine (NCCL on
                                GPU, gloo on CPU): no copy through the object store, one send per bucket
@@ -20,7 +21,7 @@ member can leave the living ones waiting out sync's timeout, so a push first ask
 store how often each worker was restarted: one restarted since the group formed has the group
 formed again before anything is sent. Only a death during a broadcast waits out the timeout.
 
-The learner side is an actor (or group) with weights(), rendezvous(), join_sync() and
+The learner side is an actor (or group) with wire_weights(), rendezvous(), join_sync() and
 broadcast_weights() (training/learner.py); a worker has load_weights(), join_sync() and
 receive_weights() (rollout/worker.py).
 
@@ -35,6 +36,9 @@ import contextlib
 import time
 from datetime import timedelta
 
+import warnings
+
+import numpy as np
 import ray
 import torch
 import torch.distributed as dist
@@ -103,9 +107,27 @@ class WeightBroadcast:
         return out, version
 
 
+def to_wire(state: dict[str, torch.Tensor]) -> dict:
+    """A CPU state dict as numpy arrays: Ray's object store holds those as they are and hands them
+    to a reader without a copy, where it pickles a torch tensor through its bytes. bfloat16, which
+    numpy lacks, travels as its int16 bits."""
+    return {k: ("bfloat16", v.view(torch.int16).numpy()) if v.dtype == torch.bfloat16 else v.numpy()
+            for k, v in state.items()}
+
+
+def from_wire(state: dict) -> dict[str, torch.Tensor]:
+    """to_wire's state dict as tensors, bit for bit (tensors pass through). They share the object
+    store's read-only memory: loading them into a model copies them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: torch.from_numpy(v[1]).view(torch.bfloat16) if isinstance(v, tuple)
+                else torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+
+
 class ObjectStoreSync:
-    """learner.weights() put into the object store once per push; every worker loads the references.
-    A restarted worker loads the last ones sent (`last_sent`) before it samples."""
+    """learner.wire_weights() (learner.weights() as numpy) put into the object store once per push;
+    every worker loads the references. A restarted worker loads the last ones sent (`last_sent`)
+    before it samples."""
 
     def __init__(self, learner, workers: list):
         self.learner, self.workers = learner, workers
@@ -113,7 +135,7 @@ class ObjectStoreSync:
 
     def push(self, wait: bool = True) -> None:
         """Without `wait` the weights land behind any rollout in flight (an actor runs its tasks in order)."""
-        self.sent = self.learner.weights.options(num_returns=3).remote()
+        self.sent = self.learner.wire_weights.options(num_returns=3).remote()
         refs = [w.load_weights.remote(*self.sent) for w in self.workers]
         for ref in refs if wait else ():
             with contextlib.suppress(ray.exceptions.RayActorError):  # a dead worker loads them in its next life

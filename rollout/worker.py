@@ -16,7 +16,7 @@ import torch
 from rewards import RewardInput, get_reward, group_advantages, score_group
 from rollout.rollouts import TARGET_TOKENS, Rollouts, ThoughtSample
 from rollout.tokens import token_texts
-from rollout.sync import WeightBroadcast, ray_device
+from rollout.sync import WeightBroadcast, from_wire, ray_device
 from rollout.torch_engine import TorchEngine
 
 EXAMPLES_PER_ROLLOUT = 2  # thought groups a worker returns as text each step
@@ -71,8 +71,9 @@ class RolloutWorker:
         return self.policy.version
 
     def load_weights(self, policy_state: dict, ema_state: dict, version: int) -> int:
-        self.policy.load_weights(policy_state, version)
-        self.teacher.load_weights(ema_state, version)
+        """State dicts of tensors, or as the object store carries them (rollout/sync.py: to_wire)."""
+        self.policy.load_weights(from_wire(policy_state), version)
+        self.teacher.load_weights(from_wire(ema_state), version)
         self.weights_loaded = True
         return version
 

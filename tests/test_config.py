@@ -85,3 +85,18 @@ def test_rlp_and_rpt_refuse_pretrainings_thought_length_key(schema, yaml):
         load_config(getattr(config, schema), CONFIG_DIR / yaml, ["train.task_think_tokens=40", "base=x"])
     assert load_config(config.RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml",
                        ["rlp.thought_max_tokens=40"]).rlp.thought_max_tokens == 40
+
+
+def test_the_format_warm_up_needs_a_given_base_and_is_rlps_alone():
+    """warmup.steps warms up a given base for RLP: without base= (the base pretraining teaches the
+    format) and in RPT (whose responses have another format) it would be ignored, so it is refused."""
+    import training.config as config
+
+    with pytest.raises(ConfigError, match=r"warmup\.steps=5 warms up a given base="):
+        load_config(config.RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", ["warmup.steps=5"])
+    with pytest.raises(ConfigError, match=r"warmup\.steps=5 is rlp_midtrain's"):
+        load_config(config.RPTTrainConfig, CONFIG_DIR / "rpt_train.yaml", ["warmup.steps=5", "base=x"])
+    with pytest.raises(ConfigError, match=r"warmup\.target_closed_frac"):
+        load_config(config.RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", ["warmup.target_closed_frac=0", "base=x"])
+    cfg = load_config(config.RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", ["warmup.steps=5", "base=x"])
+    assert cfg.warmup.steps == 5

@@ -186,6 +186,23 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_two(ray_cluster, learners, t
     learners.stop(two)
 
 
+def test_weights_cross_the_object_store_as_numpy_bit_for_bit(ray_cluster):
+    """sync.method=object_store sends state dicts as numpy arrays (bfloat16 as its int16 bits): what a
+    worker reads back from Ray's object store is the learner's tensors, bit for bit, dtype for dtype."""
+    import ray
+
+    from rollout.sync import from_wire, to_wire
+
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(64, 32, generator=g), "h": torch.randn(7, generator=g).to(torch.bfloat16),
+             "d": torch.randn(3, 3, generator=g, dtype=torch.float64), "step": torch.tensor([5, -2])}
+    back = from_wire(ray.get(ray.put(to_wire(state))))
+    assert back.keys() == state.keys()
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert from_wire(state) == state  # tensors pass through
+
+
 @pytest.mark.parametrize("workers,ranks", [(1, 1), (2, 2)])
 def test_collective_sync_gives_every_engine_the_learners_weights(ray_cluster, learners, tmp_path, workers, ranks):
     """Learner rank 0 broadcasts policy and EMA in many small buckets; every engine ends with

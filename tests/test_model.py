@@ -77,3 +77,36 @@ def test_loss_ignores_masked_targets():
     out = model(x, targets=targets)
     expected = torch.nn.functional.cross_entropy(out.logits[0, :5], targets[0, :5])
     torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("mode,tied", [("full", True), ("full", False), ("ttt_e2e", True), ("ttt_e2e", False)])
+def test_think_tokens_added_to_a_ponder_model_keep_old_logits(mode, tied):
+    """A Ponder model (a bridged one, say) whose tokenizer lacks <think>: the embedding (and an untied
+    head) grow by the new rows, set to the mean of the old ones, and every old token's logits stay
+    exactly. TTT-E2E: exactly within the first chunk; after it the inner loss's softmax spans the new
+    tokens too, so the fast weights, and the logits, move a little."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from models.hf import THINK_TOKENS, add_think_tokens
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel()
+    raw.train_from_iterator(["12 + 30 = 42, and 7 * 6 = 42."] * 4, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    model = PonderForCausalLM(PonderConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=64, mode=mode, suffix_len=1, mini_batch_size=4,
+                                           tie_word_embeddings=tied)).eval()
+    ids = torch.tensor([tok("12 + 30 = 42")["input_ids"]])
+    assert ids.shape[1] > 4
+    with torch.no_grad():
+        before = model(ids).logits
+        added = add_think_tokens(model, tok)
+        after = model(ids).logits
+    assert added == tok.convert_tokens_to_ids(list(THINK_TOKENS)) and model.output_weight.shape[0] == len(tok)
+    exact = 4 if mode == "ttt_e2e" else ids.shape[1]
+    assert torch.equal(after[:, :exact, : before.shape[-1]], before[:, :exact])
+    assert torch.allclose(after[..., : before.shape[-1]], before, atol=1e-2)
+    assert torch.allclose(model.output_weight[added[0]], model.output_weight[: before.shape[-1]].mean(0))
+    with torch.no_grad():  # the new tokens run through the model
+        assert model(torch.tensor([[added[0], *ids[0].tolist(), added[1]]])).logits.shape[-1] == len(tok)

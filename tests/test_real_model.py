@@ -96,23 +96,34 @@ def test_converted_ttt_e2e_computes_the_source_function(smollm2, model_and_token
 @pytest.mark.parametrize("engine", ["torch", "vllm"])
 def test_one_rlp_step_on_smollm2(smollm2, engine, tmp_path):
     """The README's command on the real model, cut to one step: think tokens added to a prepared copy
-    in the run, the corpus tokenized with SmolLM2's tokenizer, one RLP step on Ray."""
+    in the run, the corpus tokenized with SmolLM2's tokenizer, one RLP step on Ray. With the torch
+    engine, a format warm-up first: RLP starts from the warmed-up model, whose thinking is probed
+    before and after."""
     if engine == "vllm":
         pytest.importorskip("vllm", reason="vLLM is not installed")
     import pipelines.rlp_midtrain as rlp
     from training.metrics import read_metrics
 
+    warmup = ["warmup.steps=2", "warmup.batch_size=2", "warmup.probe_windows=2"] if engine == "torch" else []
     summary = rlp.main([f"base={smollm2}", f"out_dir={tmp_path}", "run_name=smol", f"rollout.engine={engine}",
                         "rollout.num_workers=1", "rollout.windows_per_step=2", "rollout.asynchronous=false",
                         "rlp.group_size=2", "rlp.thought_max_tokens=4", "rlp.min_context=8", "data.seq_len=32",
                         "data.num_docs=120", "train.steps=1", "train.eval_every=1", "train.eval_windows=2",
-                        "train.save_every=1", "optim.warmup_steps=0", "wandb.mode=disabled"])
+                        "train.save_every=1", "optim.warmup_steps=0", "wandb.mode=disabled", *warmup])
     run = tmp_path / "smol"
     assert (run / "base_model" / "tokenizer.json").is_file()
     last = read_metrics(run / "metrics.jsonl")[-1]
     assert last["step"] == 1 and last["rlp/samples"] == 4
     assert torch.isfinite(torch.tensor(last["rlp/reward_mean"]))
     assert summary["eval/bpb"] > 0
+    if warmup:
+        probes = json.loads((run / "warmup" / "thinking.json").read_text())
+        assert probes["before"]["thoughts"] == probes["after"]["thoughts"] == 2 * 2
+        assert all(torch.isfinite(torch.tensor(p["info_gain"])) for p in (probes["before"], probes["after"]))
+        warm = read_metrics(run / "warmup" / "metrics.jsonl")
+        assert warm[-1]["step"] == 2 and warm[-1]["eval/bpb"] < warm[0]["eval/bpb"]  # it learnt the corpus
+        # RLP started from the warmed-up model: its counters go on from the warm-up's.
+        assert last["tokens/data"] == warm[-1]["tokens/data"] + 2 * 32
 
 
 @pytest.mark.slow

@@ -357,6 +357,22 @@ class PretrainStageConfig:
 
 
 @dataclass
+class FormatWarmupConfig:
+    """The format warm-up of a given base (`base=`): next-token training on the corpus with its
+    worked solutions written as thoughts (data.augment=think), tokenized with the base's own
+    tokenizer, so that a pretrained model writes and closes <think> ... </think> before RLP."""
+
+    steps: int = non_negative(0)  # 0: off
+    lr: float = positive(3e-4)
+    batch_size: int = positive(8)
+    eval_every: int = positive(50)
+    save_every: int = positive(25)  # checkpoints of the warm-up (resume=true continues it)
+    # held-out windows whose thoughts are probed before and after (closed share, information gain)
+    probe_windows: int = positive(8)
+    target_closed_frac: float = fraction(0.9, open_low=True)  # below it after the warm-up: a warning to give more steps
+
+
+@dataclass
 class RLPMidtrainConfig(PretrainConfig):
     """Everything of pretraining (model, data, optimiser, loop, ...) plus RLP's own sections."""
 
@@ -371,9 +387,13 @@ class RLPMidtrainConfig(PretrainConfig):
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     pretrain: PretrainStageConfig = field(default_factory=PretrainStageConfig)
+    warmup: FormatWarmupConfig = field(default_factory=FormatWarmupConfig)
 
     def validate(self) -> None:
         super().validate()
+        if self.warmup.steps and not self.base:
+            raise ConfigError(f"warmup.steps={self.warmup.steps} warms up a given base=; without one, the base "
+                              "pretraining (pretrain.augment=think) teaches the format already")
         if self.train.task_think_tokens:  # one key for one setting: the thought length is rlp.thought_max_tokens
             raise ConfigError(f"train.task_think_tokens={self.train.task_think_tokens} is pretraining's key: RLP and RPT "
                               "answer after thoughts of rlp.thought_max_tokens; give rlp.thought_max_tokens instead")
@@ -420,6 +440,9 @@ class RPTTrainConfig(RLPMidtrainConfig):
         if not self.base:
             raise ConfigError("base is empty: give base=<a save_pretrained causal LM dir> (a Ponder model, e.g. "
                               "runs/rlp_midtrain/base/model, or a Hugging Face one) for RPT to train")
+        if self.warmup.steps:
+            raise ConfigError(f"warmup.steps={self.warmup.steps} is rlp_midtrain's format warm-up; RPT's responses "
+                              "have a format of their own")
 
 
 METHODS = ("ntp_plain", "ntp_ttt", "tpt", "ttt_warm", "cpt", "rlp", "rlp_plain", "rlp_pure", "cpt_flops")

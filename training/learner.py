@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from models.hf import flops_per_token, is_ttt, next_token_loss
-from rollout.sync import WeightBroadcast, ray_device
+from rollout.sync import WeightBroadcast, ray_device, to_wire
 from rollout.rollouts import Rollouts
 from training import distributed
 from training.checkpoint import load_latest_checkpoint, rng_state, save_model, set_rng_state, writing
@@ -178,6 +178,11 @@ class Learner:
             return {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}
 
         return cpu(self.model), cpu(self.ema), self.version
+
+    def wire_weights(self) -> tuple[dict, dict, int]:
+        """weights() as the object store carries them fastest (rollout/sync.py: to_wire)."""
+        policy, ema, version = self.weights()
+        return to_wire(policy), to_wire(ema), version
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port, for a process group rank 0 hosts."""

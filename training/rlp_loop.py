@@ -34,7 +34,8 @@ from training.trainer import timed
 
 CLOSED_FRAC_WARNING = 0.5  # below this share of self-closed thoughts at the first step, the base cannot think
 CANNOT_THINK = ("the base cannot think, and RLP's information gain will be strongly negative. Start from a base trained "
-                "on thoughts (leave base= empty, pretrain.augment=think) or raise rlp.thought_max_tokens.")
+                "on thoughts (leave base= empty, pretrain.augment=think), warm a given base up first (warmup.steps=N), "
+                "or raise rlp.thought_max_tokens.")
 
 
 class DroppedRewardsError(RuntimeError):

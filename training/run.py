@@ -159,8 +159,13 @@ def export_llama(run_dir: Path, tokenizer_dir: Path) -> Path:
     return llama
 
 
-def load_base(path: str | Path, ttt: TTTConfig) -> PonderForCausalLM:
-    """A saved Ponder model to train on from its weights, the run's inner-loop settings applied."""
+def load_base(path: str | Path, ttt: TTTConfig):
+    """A saved model to train on from its weights: a Ponder model with the run's inner-loop
+    settings applied, or any other Hugging Face causal LM as it is."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if AutoConfig.from_pretrained(path).model_type != "ponder":
+        return AutoModelForCausalLM.from_pretrained(path)
     model = PonderForCausalLM.from_pretrained(path)
     c = model.config
     for name, value in ttt_fields(ttt).items():

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from models.hf import flops_per_token, is_ponder, is_ttt, next_token_loss
 from training.checkpoint import (load_latest_checkpoint, rng_state, save_checkpoint, save_model, set_rng_state,
                                  writing)
 from training.carry import CarriedState
@@ -73,9 +74,10 @@ class Trainer:
         self.skipped_steps = 0  # non-finite losses
         self.consecutive_skips = 0
         self.prior = prior_counters or {}
-        self.flops_per_token = model.flops_per_token(loader.seq_len)
-        self.is_ttt = model.config.is_ttt
-        fast = {id(p) for block in model.blocks for level in block.fast_levels() for p in level.parameters()}
+        self.flops_per_token = flops_per_token(model, loader.seq_len)
+        self.is_ttt = is_ttt(model)  # a Ponder TTT-E2E model; Ponder's other modes and Hugging Face causal LMs train too
+        fast = {id(p) for block in model.blocks for level in block.fast_levels() for p in level.parameters()} \
+            if self.is_ttt else set()
         self.slow_params = [p for p in model.parameters() if id(p) not in fast]  # all but the fast MLPs' W_0
         self.boundary_id = model.config.eos_token_id if cfg.data.mask_boundary_targets else None
         if self.is_ttt:
@@ -84,7 +86,8 @@ class Trainer:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
         self.graphed = None
         if cfg.train.cuda_graphs:
-            unsupported = "carried state (ttt.carry_backprop_windows) changes the graph every step" if self.carried else None
+            unsupported = ("carried state (ttt.carry_backprop_windows) changes the graph every step" if self.carried else
+                           None if is_ponder(model) else "the step is captured for Ponder models only")
             self.graphed = GraphedStep(self.graphed_loss, list(self.model.parameters()), unsupported)
             if self.is_ttt and not unsupported and device.type == "cuda":  # a tensor the graph reads, so the warmup of the inner lr reaches replays
                 self.model.inner_lr = torch.tensor(float(self.model.inner_lr), device=device)
@@ -156,6 +159,8 @@ class Trainer:
                 self.carried.reset()
             return self.carried.loss(batch)
         inputs, targets = split_window(batch, self.boundary_id)
+        if not is_ponder(self.model):  # a Hugging Face causal LM: no inner loop, so no logits needed
+            return next_token_loss(self.model, inputs, targets), None, targets
         out = self.model(inputs, targets=targets)
         return out.loss, out.logits, targets
 
@@ -256,9 +261,10 @@ def run_pretraining(cfg: PretrainConfig, data: PreparedData, run_dir: Path, devi
     if cfg.train.data_tokens:
         cfg = with_data_token_budget(cfg, data)
     model = load_base(cfg.base, cfg.ttt) if cfg.base else build_model(cfg.model, data.tokenizer, cfg.ttt)
-    check_carry_backprop(cfg.ttt, model.config.mode)
+    mode = model.config.mode if is_ponder(model) else model.config.model_type
+    check_carry_backprop(cfg.ttt, mode)
     name = f"base {cfg.base}" if cfg.base else cfg.model.name
-    print(f"model: {name} ({model.config.mode}), {model.num_params() / 1e6:.2f}M parameters; "
+    print(f"model: {name} ({mode}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"data: {len(data.train_windows)} train / {len(data.heldout_windows)} held-out windows of "
           f"{cfg.data.seq_len} tokens; device: {device}")
     try:

@@ -87,9 +87,9 @@ class Side:
 
     def step_s(self, windows: int, seq: int) -> float:
         """Seconds of one optimiser step on `windows` x `seq` tokens (the second of two)."""
-        opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         from models.hf import next_token_loss
 
+        opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         ids = torch.randint(0, self.model.config.vocab_size, (windows, seq + 1), device=self.device)
         for _ in range(2):
             t = time.perf_counter()

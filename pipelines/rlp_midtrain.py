@@ -24,20 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from training.cluster import start_ray  # noqa: E402
+from training.cluster import driver_threads, start_ray  # noqa: E402
 from training.config import CONFIG_DIR, RLPMidtrainConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
 from training.graph import build_graph, cli, placement  # noqa: E402
 from training.optim import steps_for_tokens  # noqa: E402
 from training.rlp_loop import run_graph  # noqa: E402
 from training.preflight import check_base, check_data_files, check_tokenizer_fits  # noqa: E402
-from training.run import (check_vllm_serves, config_errors_exit, parse_config_or_exit, prepare_run_dir,  # noqa: E402
-                          resolve_device, think_ready_base)
+from training.run import (check_vllm_serves, config_errors_exit, outputs_line, parse_config_or_exit,  # noqa: E402
+                          prepare_run_dir, resolve_device, think_ready_base)
 from training.stages import format_warmup, pretrain_base  # noqa: E402
 
 
 def main(argv: list[str]) -> dict:
     cfg = parse_config_or_exit(RLPMidtrainConfig, CONFIG_DIR / "rlp_midtrain.yaml", argv)
+    driver_threads()
     torch.manual_seed(cfg.seed)
     with config_errors_exit():  # bad inputs named in one line, before Ray starts
         device = resolve_device(cfg.device)
@@ -73,7 +74,7 @@ def main(argv: list[str]) -> dict:
     finally:
         if started:
             ray.shutdown()
-    print(f"outputs in {run_dir}/: model/ (from_pretrained), checkpoints/, metrics.jsonl, thoughts.jsonl, base/, wandb/")
+    print(outputs_line(run_dir))
     if "rlp/thinking" in summary:
         print(summary["rlp/thinking"])
     return summary

@@ -26,14 +26,15 @@ import torch  # noqa: E402
 
 from training.graph import build_graph, cli, placement  # noqa: E402
 from rollout.rpt import RPTWorker  # noqa: E402
-from training.cluster import start_ray  # noqa: E402
+from training.cluster import driver_threads, start_ray  # noqa: E402
 from training.config import CONFIG_DIR, RPTTrainConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
 from training.preflight import (check_base, check_data_files, check_proxy_vocab, check_tokenizer_fits,  # noqa: E402
                                 with_base_tokenizer)
 from training.rlp_loop import run_graph  # noqa: E402
 from training.rpt import RPTAccuracy  # noqa: E402
-from training.run import config_errors_exit, parse_config_or_exit, prepare_run_dir, think_ready_base  # noqa: E402
+from training.run import (config_errors_exit, outputs_line, parse_config_or_exit, prepare_run_dir,  # noqa: E402
+                          think_ready_base)
 
 
 CANNOT_ANSWER = ("few responses reach the eos token within rpt.response_max_tokens, so few close a box and the reward "
@@ -43,6 +44,7 @@ CANNOT_ANSWER = ("few responses reach the eos token within rpt.response_max_toke
 
 def main(argv: list[str]) -> dict:
     cfg = parse_config_or_exit(RPTTrainConfig, CONFIG_DIR / "rpt_train.yaml", argv)
+    driver_threads()
     torch.manual_seed(cfg.seed)
     with config_errors_exit():  # bad inputs named in one line, before Ray starts
         base = Path(cfg.base).expanduser().resolve()
@@ -74,7 +76,7 @@ def main(argv: list[str]) -> dict:
     print("next-token accuracy (held-out, by proxy entropy): " + ", ".join(
         f"{b} {summary.get(f'eval/rpt_acc_{b}', float('nan')):.3f} (n={summary.get(f'eval/rpt_n_{b}', 0)})"
         for b in ("easy", "medium", "hard")))
-    print(f"outputs in {run_dir}/: model/ (from_pretrained), checkpoints/, metrics.jsonl, thoughts.jsonl, wandb/")
+    print(outputs_line(run_dir))
     return summary
 
 

@@ -23,13 +23,15 @@ import torch  # noqa: E402
 from training.config import CONFIG_DIR, PretrainConfig  # noqa: E402
 from training.data import prepare_data  # noqa: E402
 from training.preflight import check_data_files, check_ponder_base, check_tokenizer_fits, with_base_tokenizer  # noqa: E402
-from training.run import (config_errors_exit, parse_config_or_exit, prepare_run_dir, resolve_device,  # noqa: E402
-                          storage_errors_exit)
+from training.cluster import driver_threads  # noqa: E402
+from training.run import (config_errors_exit, outputs_line, parse_config_or_exit, prepare_run_dir,  # noqa: E402
+                          resolve_device, storage_errors_exit)
 from training.trainer import run_pretraining  # noqa: E402
 
 
 def main(argv: list[str]) -> dict[str, float]:
     cfg = parse_config_or_exit(PretrainConfig, CONFIG_DIR / "ttt_pretrain.yaml", argv)
+    driver_threads()
     torch.manual_seed(cfg.seed)
     with config_errors_exit():  # bad inputs named in one line, before any training
         check_data_files(cfg.data)
@@ -44,7 +46,7 @@ def main(argv: list[str]) -> dict[str, float]:
             if not (run_dir / "tokenizer").exists():  # beside model/, where rlp_midtrain base=<run>/model looks
                 data.tokenizer.save_pretrained(run_dir / "tokenizer")
     summary = run_pretraining(cfg, data, run_dir, resolve_device(cfg.device))
-    print(f"outputs in {run_dir}/: model/ (from_pretrained), checkpoints/, metrics.jsonl, tokenizer/, wandb/")
+    print(outputs_line(run_dir))
     return summary
 
 

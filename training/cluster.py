@@ -21,6 +21,16 @@ def submitted_job() -> bool:
     return SUBMITTED in os.environ
 
 
+def driver_threads() -> None:
+    """A submitted job's driver starts with OMP_NUM_THREADS=1, Ray's setting for a task without CPUs,
+    which would leave the training the driver does itself (a base's pretraining, a format warm-up)
+    on one core: there it uses the cores it may run on, as a driver started by hand does."""
+    if submitted_job():
+        import torch
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+
 def outputs_root(out_dir: str) -> Path:
     """out_dir as an absolute path that outlives the job."""
     path = Path(out_dir).expanduser()

@@ -82,10 +82,15 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for record in records:
         summary.update(record)
-    start = next((r["eval/bpb"] for r in records if "eval/bpb" in r), None)
+    start = first_bpb(records)
     if start is not None:
         summary["bpb_start"] = start
     return summary
+
+
+def first_bpb(records: list[dict[str, Any]]) -> float | None:
+    """The first held-out bpb logged: a resumed run's start is its step 0, not where it resumed."""
+    return next((r["eval/bpb"] for r in records if "eval/bpb" in r), None)
 
 
 def records_until(path: Path, step: int) -> list[dict[str, Any]]:

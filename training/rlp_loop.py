@@ -29,7 +29,7 @@ from rollout.sync import weight_sync
 from training.checkpoint import rng_state, set_rng_state
 from training.config import ConfigError
 from training.data import WindowLoader
-from training.metrics import MetricsLogger, read_metrics, trim_records
+from training.metrics import MetricsLogger, first_bpb, read_metrics, trim_records
 from training.trainer import timed
 
 CLOSED_FRAC_WARNING = 0.5  # below this share of self-closed thoughts at the first step, the base cannot think
@@ -130,10 +130,12 @@ class RLPLoop:
                 logger.sync()
                 # The last checkpoint is whole before the run ends; the others are written as it goes on.
                 learner.get(learner.save.remote(self.state_dict(), step == t.steps))  # wait: the last
-        tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
-        summary = {"bpb_start": first["eval/bpb"], **metrics, **last_eval}
-        # The whole run's steps, those before a resume included (as logged: train.log_every).
-        records = [r for r in read_metrics(logger.path) if r.get("rlp/reward_mean") is not None]
+        logged = read_metrics(logger.path)  # the whole run's records, those before a resume included
+        start_bpb = first_bpb(logged) or first["eval/bpb"]
+        tqdm.write(f"version {t.steps}: held-out bpb {last_eval['eval/bpb']:.4f} (start {start_bpb:.4f})")
+        summary = {"bpb_start": start_bpb, **metrics, **last_eval}
+        # As logged: train.log_every.
+        records = [r for r in logged if r.get("rlp/reward_mean") is not None]
         gains, closed = [r["rlp/reward_mean"] for r in records], [r["rlp/closed_frac"] for r in records]
         if gains:
             k = max(1, len(gains) // 4)  # the first and last quarter of the steps, averaged: one step is noisy

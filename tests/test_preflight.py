@@ -5,11 +5,12 @@ import json
 import os
 
 import pytest
+import torch
 
 import pipelines.rlp_midtrain as rlp_midtrain
 import pipelines.ttt_pretrain as pretrain
 from models import PonderConfig, PonderForCausalLM
-from training.cluster import outputs_root, worker_pythonpath
+from training.cluster import driver_threads, outputs_root, worker_pythonpath
 from training.tokenizer import train_tokenizer
 
 TINY = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.intermediate_size=64",
@@ -130,6 +131,20 @@ def test_submitted_job_outputs_go_to_a_durable_path(monkeypatch, tmp_path):
     assert outputs_root(str(tmp_path / "abs")) == tmp_path / "abs"
     monkeypatch.delenv("PONDER_HOME")
     assert outputs_root("runs") == (outputs_root("~") / "ponder" / "runs")
+
+
+def test_a_submitted_jobs_driver_trains_on_every_core_it_may_use(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what OMP_NUM_THREADS=1, which Ray gives a job's driver, leaves
+        monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+        driver_threads()
+        assert torch.get_num_threads() == 1  # a driver started by hand keeps what its user set
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+        driver_threads()
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_worker_pythonpath_keeps_the_users_entries(monkeypatch):

@@ -77,7 +77,7 @@ def test_cuda_graphs_setting_trains_as_eager(tmp_path, cache):
 
 def test_resume_after_kill_continues_with_same_data_order(tmp_path, cache, monkeypatch):
     args = small_run(tmp_path, cache, "train.steps=16", "train.save_every=8", "train.eval_every=8", "train.log_every=1")
-    pretrain.main(args + ["run_name=whole"])
+    whole_summary = pretrain.main(args + ["run_name=whole"])
     whole = {r["step"]: r for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")}
 
     real_step = Trainer.train_step
@@ -101,11 +101,13 @@ def test_resume_after_kill_continues_with_same_data_order(tmp_path, cache, monke
         return batch
 
     monkeypatch.setattr(WindowLoader, "next_batch", spy)
-    pretrain.main(args + ["run_name=killed", "resume=true"])
+    resumed_summary = pretrain.main(args + ["run_name=killed", "resume=true"])
     assert len(seen) == 8  # steps 9..16: resumed from the step-8 checkpoint, not from scratch
 
     resumed = {r["step"]: r for r in read_metrics(tmp_path / "killed" / "metrics.jsonl")}
     assert sorted(resumed) == sorted(whole)  # no step logged twice, none missing
+    assert resumed_summary["bpb_start"] == whole_summary["bpb_start"]  # the run's start, not where it resumed
+    assert resumed_summary["bpb_start"] != resumed[8]["eval/bpb"]
     for step in range(9, 17):
         assert resumed[step]["train/loss"] == pytest.approx(whole[step]["train/loss"], rel=1e-5, abs=1e-6)
     a = torch.load(tmp_path / "whole" / "checkpoints" / "step_00000016" / "state.pt", weights_only=False)["model"]

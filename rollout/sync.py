@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from datetime import timedelta
-
 import warnings
+from datetime import timedelta
 
 import numpy as np
 import ray

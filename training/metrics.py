@@ -101,9 +101,15 @@ def records_until(path: Path, step: int) -> list[dict[str, Any]]:
 def trim_records(path: Path, step: int) -> None:
     """Drop the records of `path` past `step`, which a resumed run is about to write again."""
     if path.exists():
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records_until(path, step)))
-        os.replace(tmp, path)
+        replace_text(path, "".join(json.dumps(r) + "\n" for r in records_until(path, step)))
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` beside itself and rename it into place: a kill leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def base_counters(base: str | Path) -> dict[str, float]:

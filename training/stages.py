@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from rollout.worker import RolloutWorker
 from training.checkpoint import check_model_dir, checkpoint_step, latest_checkpoint
 from training.config import LoopConfig, PretrainConfig, RLPMidtrainConfig, WandbConfig
 from training.data import prepare_data
+from training.metrics import replace_text
 from training.trainer import run_pretraining
 
 
@@ -83,7 +83,7 @@ def format_warmup(cfg: RLPMidtrainConfig, data, base: Path, run_dir: Path, devic
         return out / "model"
     if "before" not in record:
         record = {"steps": w.steps, "before": probe_thinking(cfg, base, data.heldout_windows, device)}
-        write_json(record_path, record)
+        replace_text(record_path, json.dumps(record, indent=1))
     print(f"format warm-up: {base} for {w.steps} steps on documents with worked solutions as thoughts "
           f"(data.augment=think){f', from step {checkpoint_step(last)}' if last is not None else ''}; "
           f"before it: {describe(record['before'])}")
@@ -93,7 +93,7 @@ def format_warmup(cfg: RLPMidtrainConfig, data, base: Path, run_dir: Path, devic
     run_pretraining(pre, think_data, out, device)
     data.tokenizer.save_pretrained(out / "tokenizer")  # beside model/, where base=<run>/warmup/model looks
     record["after"] = probe_thinking(cfg, out / "model", data.heldout_windows, device)
-    write_json(record_path, record)
+    replace_text(record_path, json.dumps(record, indent=1))
     print(f"format warm-up done: thinking before {describe(record['before'])}; after {describe(record['after'])}")
     if record["after"]["closed_frac"] < w.target_closed_frac:
         print(f"WARNING: after the format warm-up the policy closes {record['after']['closed_frac']:.0%} of its "
@@ -123,10 +123,3 @@ def probe_thinking(cfg: RLPMidtrainConfig, model_dir: Path, windows: torch.Tenso
 def describe(probe: dict[str, float]) -> str:
     return (f"closed {probe['closed_frac']:.2f}, mean information gain {probe['info_gain']:+.3f} nats "
             f"({probe['positive_frac']:.0%} positive), {probe['thought_tokens']:.1f} tokens per thought")
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
